@@ -1,0 +1,34 @@
+# The two commands: `make demo` (the main job on embedded defaults) and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install engine demo test test-unit bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# The real vLLM engine (CPU build) and the SmolLM2 checkpoint the integration tests serve.
+engine:
+	bash scripts/engine.sh
+
+demo: install
+	$(BIN)/dynasorctl demo
+
+test-unit: install
+	$(BIN)/pytest -m "not engine" -q
+
+test: install engine
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/dynasorctl bench proxy
+
+clean:
+	rm -rf $(VENV) .venv-engine .cache

@@ -1,0 +1,150 @@
+"""Math-aware answer equivalence (math-verify), cached, with timeouts.
+
+`same(a, b)` is synchronous and cheap on the fast path (normalized strings);
+the proxy calls the slow path through `AsyncEquivalence`, which runs it in a
+worker process so a pathological expression can neither block the event loop
+nor hang forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+
+from proxy.certaindex import normalize_answer
+
+log = logging.getLogger(__name__)
+
+# math-verify's own timeouts use SIGALRM, which only works in the main thread.
+_SIGNAL_TIMEOUT_S = 3
+
+
+def _math_verify(a: str, b: str) -> bool:
+    from math_verify import parse, verify
+
+    in_main = threading.current_thread() is threading.main_thread()
+    timeout = _SIGNAL_TIMEOUT_S if in_main else None
+    try:
+        gold = parse(f"${a}$", parsing_timeout=timeout)
+        pred = parse(f"${b}$", parsing_timeout=timeout)
+        if not gold or not pred:
+            return False
+        return bool(verify(gold, pred, timeout_seconds=timeout))
+    except Exception:  # math-verify raises on exotic input; unequal is the safe verdict
+        return False
+
+
+def fast_same(a: str | None, b: str | None) -> bool | None:
+    """Decide equality from normalized strings alone; None when it cannot tell."""
+    if a is None or b is None:
+        return False
+    na, nb = normalize_answer(a), normalize_answer(b)
+    if na is None or nb is None:
+        return False
+    if na == nb:
+        return True
+    return None
+
+
+class Equivalence:
+    """A memoized `same(a, b)`; the slow path is math-verify."""
+
+    def __init__(self, slow: Callable[[str, str], bool] = _math_verify) -> None:
+        self._slow = slow
+        self._cache: dict[tuple[str, str], bool] = {}
+
+    def same(self, a: str | None, b: str | None) -> bool:
+        quick = fast_same(a, b)
+        if quick is not None:
+            return quick
+        assert a is not None and b is not None
+        key = (a, b) if a <= b else (b, a)
+        if key not in self._cache:
+            self._cache[key] = self._slow(*key)
+        return self._cache[key]
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+def group_answers(answers: Sequence[str | None], same: Callable[[str, str], bool]) -> list[int]:
+    """Group index of each answer: equal to a group's first member joins it."""
+    reps: list[tuple[int, str]] = []
+    groups: list[int] = []
+    next_group = 0
+    for answer in answers:
+        found = None
+        if answer is not None:
+            for group, rep in reps:
+                if same(rep, answer):
+                    found = group
+                    break
+        if found is None:
+            found = next_group
+            next_group += 1
+            if answer is not None:
+                reps.append((found, answer))
+        groups.append(found)
+    return groups
+
+
+class AsyncEquivalence:
+    """Equivalence for the event loop: slow checks in a worker process, bounded in time."""
+
+    def __init__(self, timeout_s: float = 5.0) -> None:
+        self._timeout_s = timeout_s
+        self._pool: ProcessPoolExecutor | None = None
+        self._cache: dict[tuple[str, str], bool] = {}
+        self.timeouts = 0
+
+    async def same(self, a: str | None, b: str | None) -> bool:
+        quick = fast_same(a, b)
+        if quick is not None:
+            return quick
+        assert a is not None and b is not None
+        key = (a, b) if a <= b else (b, a)
+        if key in self._cache:
+            return self._cache[key]
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=1)
+        loop = asyncio.get_running_loop()
+        try:
+            result = await asyncio.wait_for(
+                loop.run_in_executor(self._pool, _math_verify, *key), self._timeout_s
+            )
+        except (TimeoutError, Exception) as exc:  # a stuck or dead worker: start afresh
+            self.timeouts += 1
+            log.warning("answer equivalence check failed (%s); treating as different", exc)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+            result = False
+        self._cache[key] = result
+        return result
+
+    async def group(self, answers: Sequence[str | None]) -> list[int]:
+        """Group index of each answer, as `group_answers` does."""
+        reps: list[tuple[int, str]] = []
+        groups: list[int] = []
+        next_group = 0
+        for answer in answers:
+            found = None
+            if answer is not None:
+                for group, rep in reps:
+                    if await self.same(rep, answer):
+                        found = group
+                        break
+            if found is None:
+                found = next_group
+                next_group += 1
+                if answer is not None:
+                    reps.append((found, answer))
+            groups.append(found)
+        return groups
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None

