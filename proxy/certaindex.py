@@ -160,3 +160,16 @@ def majority(answers: Sequence[str | None], groups: Sequence[int]) -> str | None
         if answer is not None and counts[group] == best:
             return answer
     return None
+
+
+def probe_certaindex(answers: Sequence[str | None], hesitant: Sequence[bool], window: int = 3) -> float:
+    """Chain-of-thought certaindex after a probe: the paper's agreement C_k in [0, 1].
+
+    The share of the last `window` non-hesitant probes that give their most
+    common answer; fewer probes than `window` count as disagreement.
+    """
+    recent = [normalize_answer(a) for a, h in zip(answers, hesitant) if not h][-window:]
+    counts = Counter(a for a in recent if a is not None)
+    if not counts:
+        return 0.0
+    return counts.most_common(1)[0][1] / window

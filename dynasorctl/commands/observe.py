@@ -1,0 +1,87 @@
+"""`dynasorctl observe`: run the transparent, measuring proxy in front of an upstream."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from dynasorctl.errors import UserError, err_console
+from dynasorctl.options import DbOption, store
+from proxy.settings import Settings
+
+
+def load_settings(config: Path | None, **overrides: Any) -> Settings:
+    """Settings from env, then the TOML file, then flags; errors name the bad field."""
+    values: dict[str, Any] = {}
+    if config is not None:
+        try:
+            values = tomllib.loads(config.read_text())
+        except OSError as exc:
+            raise UserError(f"cannot read config {config}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"{config} is not valid TOML: {exc}") from exc
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise UserError(f"invalid setting {field}: {first['msg']}") from exc
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+
+
+def serve(app: Any, host: str, port: int) -> None:
+    """Serve an ASGI app with uvicorn until SIGINT/SIGTERM (shutdown flushes the store)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, loop="uvloop", http="httptools",
+                            log_level="warning", access_log=False, lifespan="on")
+    uvicorn.Server(config).run()
+
+
+def observe(
+    upstream: Annotated[str | None, typer.Option(help="Base URL of the vLLM or SGLang server.")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on [default: 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on [default: 8080].")] = None,
+    db: DbOption = None,
+    probe_rate: Annotated[
+        float | None, typer.Option(help="Share of requests probed, 0 to 1 (0 turns probing off) [default: 1].")
+    ] = None,
+    store_text: Annotated[
+        bool | None, typer.Option("--store-text/--no-store-text", help="Keep prompt and completion text, not only hashes.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file of settings (keys as in the README's table).")
+    ] = None,
+) -> None:
+    """Run the proxy: relay every request untouched, probe and record out of band."""
+    settings = load_settings(config, upstream_url=upstream, host=host, port=port, db_url=db,
+                             probe_rate=probe_rate, store_text=store_text)
+    store(settings.db_url)  # fail now, with a clear message, not inside the server
+    check_port_free(settings.host, settings.port)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from proxy.app import create_app
+
+    err_console.print(
+        f"dynasor observing {settings.upstream_url} on http://{settings.host}:{settings.port} "
+        f"(probe rate {settings.probe_rate:g}, every {settings.probe_interval} tokens)"
+    )
+    serve(create_app(settings), settings.host, settings.port)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(observe)

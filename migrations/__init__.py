@@ -1,0 +1,1 @@
+"""Alembic migrations of the observation store (applied by `dynasorctl db upgrade` and on start)."""

@@ -1,0 +1,326 @@
+"""The observe-mode proxy: an ASGI app, one pipeline per request.
+
+receive -> forward -> observe -> relay -> record. The client gets the
+upstream's status, headers (hop-by-hop aside) and body bytes exactly; probing
+and recording happen beside the relay, never in its way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from proxy.equivalence import AsyncEquivalence
+from proxy.metrics import Metrics
+from proxy.observe import ResponseObserver
+from proxy.probe import ProbeSession, Prober
+from proxy.programs import PROGRAM_HEADER, Programs
+from proxy.record import build_record
+from proxy.recorder import Record, Recorder, write_records
+from proxy.settings import Settings
+from proxy.sse import error_body, error_frame
+from proxy.upstream import Headers, HttpUpstream, Upstream, UpstreamError
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+OBSERVED = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+@dataclass
+class Exchange:
+    """What one relayed request produced, for the record."""
+
+    request_id: str
+    kind: str
+    body: dict[str, Any] | None
+    started: float
+    observer: ResponseObserver | None
+    probes: ProbeSession | None
+    program_id: str | None
+    status: int = 0
+    error: str | None = None
+    ttft_s: float | None = None
+    finished: float = 0.0
+
+
+class ProxyApp:
+    def __init__(
+        self,
+        settings: Settings,
+        upstream: Upstream | None = None,
+        write: Callable[[Sequence[Record]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.upstream: Upstream = upstream or HttpUpstream(
+            settings.upstream_url,
+            settings.connect_timeout_s,
+            settings.read_timeout_s,
+            settings.upstream_api_key,
+        )
+        self._write = write
+        self.recorder: Recorder | None = None
+        self.prober = Prober(self.upstream, settings, self.metrics)
+        self.equivalence = AsyncEquivalence()
+        self.programs = Programs(self.equivalence, self.metrics)
+        self._finalizing: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def startup(self) -> None:
+        if self._write is None:
+            from proxy.store.db import open_store
+
+            engine = await asyncio.to_thread(open_store, self.settings.db_url)
+            self._write = partial(write_records, engine)
+        self.recorder = Recorder(self._write, self.metrics, self.settings.record_queue_size)
+        self.recorder.start()
+
+    async def shutdown(self) -> None:
+        if self._finalizing:
+            await asyncio.wait(self._finalizing, timeout=10)
+        if self.recorder is not None:
+            await self.recorder.close()
+        await self.upstream.aclose()
+        self.equivalence.close()
+
+    async def __aenter__(self) -> ProxyApp:
+        await self.startup()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    # -- ASGI --------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/health" and method == "GET":
+            await self._respond(send, 200, json.dumps(self.health()).encode(), JSON_HEADERS)
+        elif path == "/metrics" and method == "GET":
+            text = self.metrics.render(lambda: self.recorder.pending if self.recorder else 0)
+            await self._respond(send, 200, text.encode(), [(b"content-type", b"text/plain; version=0.0.4")])
+        elif path in OBSERVED and method == "POST":
+            await self._observed(scope, receive, send, OBSERVED[path])
+        else:
+            await self._passthrough(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:  # reported by the server, which then exits
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def health(self) -> dict[str, Any]:
+        rec = self.recorder
+        store_ok = rec is None or rec.healthy
+        return {
+            "status": "ok" if store_ok else "degraded",
+            "mode": "observe",
+            "upstream": self.upstream.base_url,
+            "store": {
+                "ok": store_ok,
+                "pending": rec.pending if rec else 0,
+                "written": self.metrics.records_written,
+                "dropped": self.metrics.records_dropped,
+                "write_errors": self.metrics.write_errors,
+                "last_error": rec.last_error if rec else None,
+            },
+            "active_streams": self.metrics.active_streams,
+        }
+
+    # -- the pipeline --------------------------------------------------------
+
+    async def _observed(self, scope: Scope, receive: Receive, send: Send, kind: str) -> None:
+        started = time.perf_counter()
+        raw = await _read_body(receive)
+        body = _json_object(raw)
+        headers: Headers = scope["headers"]
+        ex = Exchange(uuid.uuid4().hex, kind, body, started, None, None, None)
+        if body is not None:
+            stream = bool(body.get("stream"))
+            n = body.get("n") if isinstance(body.get("n"), int) else 1
+            ex.program_id = _header(headers, PROGRAM_HEADER) or (ex.request_id if n > 1 else None)
+            if stream and n == 1 and self._should_probe(kind, body):
+                ex.probes = self.prober.session(kind, body, _probe_headers(headers))
+            ex.observer = ResponseObserver(
+                kind, stream, ex.probes.on_tokens if ex.probes else None, self.settings.probe_interval
+            )
+        await self._relay(scope, receive, send, raw, ex)
+        if ex.probes is not None:
+            await ex.probes.close()
+        self._count(scope["path"], ex)
+        if body is not None and self.recorder is not None:
+            task = asyncio.create_task(self._finalize(ex))
+            self._finalizing.add(task)
+            task.add_done_callback(self._finalizing.discard)
+
+    async def _passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = await _read_body(receive)
+        ex = Exchange("", "", None, time.perf_counter(), None, None, None)
+        await self._relay(scope, receive, send, raw, ex)
+        self._count(scope["path"], ex)
+
+    def _should_probe(self, kind: str, body: dict[str, Any]) -> bool:
+        rate = self.settings.probe_rate
+        if rate <= 0 or (rate < 1 and random.random() >= rate):
+            return False
+        if kind == "chat":
+            return isinstance(body.get("messages"), list) and bool(body["messages"])
+        return isinstance(body.get("prompt"), str)
+
+    async def _relay(self, scope: Scope, receive: Receive, send: Send, raw: bytes, ex: Exchange) -> None:
+        path = scope["path"] + (("?" + scope["query_string"].decode("latin-1")) if scope["query_string"] else "")
+        self.metrics.active_streams += 1
+        try:
+            try:
+                resp = await self.upstream.send(scope["method"], path, scope["headers"], raw)
+            except UpstreamError as exc:
+                self.metrics.upstream_errors[exc.kind] += 1
+                ex.status, ex.error = exc.status, str(exc)
+                kind = "upstream_timeout" if exc.kind == "timeout" else "upstream_unavailable"
+                await self._respond(send, exc.status, error_body(str(exc), kind, exc.status), JSON_HEADERS)
+                return
+            ex.status = resp.status
+            await self._stream(receive, send, resp, ex)
+        finally:
+            self.metrics.active_streams -= 1
+            ex.finished = time.perf_counter()
+
+    async def _stream(self, receive: Receive, send: Send, resp: Any, ex: Exchange) -> None:
+        """Relay the response body chunk by chunk; notice a client that goes away."""
+        me = asyncio.current_task()
+        assert me is not None
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            me.cancel()
+
+        watcher = asyncio.create_task(watch())
+        observer = ex.observer
+        is_sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in resp.headers)
+        try:
+            await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
+            async for chunk in resp.chunks():
+                if ex.ttft_s is None:
+                    ex.ttft_s = time.perf_counter() - ex.started
+                if observer is not None:
+                    observer.feed(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except UpstreamError as exc:
+            self.metrics.upstream_errors[exc.kind] += 1
+            ex.error = str(exc)
+            if is_sse:  # the client still gets a well-formed end of stream
+                watcher.cancel()
+                await send({"type": "http.response.body", "body": error_frame(str(exc)), "more_body": True})
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            me.uncancel()
+            ex.error, ex.status = "client disconnected", 499
+        except OSError:  # some servers raise on send() to a closed connection
+            gone = True
+            ex.error, ex.status = "client disconnected", 499
+        finally:
+            watcher.cancel()
+            await resp.aclose()
+        if not gone:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _finalize(self, ex: Exchange) -> None:
+        """Turn what was observed into a record (off the request path) and queue it."""
+        try:
+            outcome = await asyncio.to_thread(ex.observer.finish) if ex.observer else None
+            record = await build_record(ex, outcome, self)
+        except Exception:  # a record must never take the proxy down; say what failed
+            log.exception("could not build the record of request %s", ex.request_id)
+            return
+        assert self.recorder is not None
+        self.recorder.put(record)
+
+    def _count(self, path: str, ex: Exchange) -> None:
+        endpoint = path if path in OBSERVED or path in ("/v1/models",) else "other"
+        self.metrics.requests[(endpoint, ex.status)] += 1
+        self.metrics.duration.observe(ex.finished - ex.started)
+
+    @staticmethod
+    async def _respond(send: Send, status: int, body: bytes, headers: Headers) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(
+    settings: Settings,
+    upstream: Upstream | None = None,
+    write: Callable[[Sequence[Record]], None] | None = None,
+) -> ProxyApp:
+    """The proxy; `upstream` and `write` replace the HTTP upstream and the store (tests)."""
+    return ProxyApp(settings, upstream, write)
+
+
+async def _read_body(receive: Receive) -> bytes:
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        parts.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    return b"".join(parts)
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    """The request body as a JSON object, or None (it is still forwarded untouched)."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _header(headers: Headers, name: bytes) -> str | None:
+    for k, v in headers:
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+def _probe_headers(headers: Headers) -> Headers:
+    """Probes carry the client's credentials, nothing else of its request."""
+    out: Headers = [(b"content-type", b"application/json")]
+    auth = _header(headers, b"authorization")
+    if auth is not None:
+        out.append((b"authorization", auth.encode("latin-1")))
+    return out

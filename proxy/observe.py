@@ -1,0 +1,149 @@
+"""Reading the main response as it is relayed: text, tokens, finish reasons, usage.
+
+The observer only ever reads copies of the bytes the client receives. When the
+request is probed it parses events as they arrive (probes need the text so
+far); otherwise it just keeps the bytes and parses them once at the end, off
+the relay's hot path.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.dialect import error_message, reasoning_of
+from proxy.sse import SseReader
+
+
+@dataclass(slots=True)
+class ChoiceText:
+    """One choice (sample) of the response as generated so far."""
+
+    index: int
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    tokens: int = 0  # content-bearing chunks: one token each on vLLM and SGLang
+    finish_reason: str | None = None
+
+    @property
+    def content_text(self) -> str:
+        return "".join(self.content)
+
+    @property
+    def reasoning_text(self) -> str:
+        return "".join(self.reasoning)
+
+
+@dataclass(slots=True)
+class Outcome:
+    choices: dict[int, ChoiceText]
+    finish_order: list[int]  # choice indices in the order they finished
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    model: str | None = None
+    error: str | None = None
+
+
+# Called with a choice each time its token count reaches a multiple of the probe interval.
+OnTokens = Callable[[ChoiceText], None]
+
+
+class ResponseObserver:
+    def __init__(self, kind: str, stream: bool, on_tokens: OnTokens | None = None,
+                 interval: int = 64) -> None:
+        self._kind = kind
+        self._stream = stream
+        self._on_tokens = on_tokens
+        self._interval = interval
+        self._raw: list[bytes] = []
+        self._sse = SseReader() if stream and on_tokens is not None else None
+        self._out = Outcome(choices={}, finish_order=[])
+
+    def feed(self, chunk: bytes) -> None:
+        if self._sse is None:
+            self._raw.append(chunk)
+            return
+        for data in self._sse.feed(chunk):
+            self._event(data)
+
+    def finish(self) -> Outcome:
+        """Everything observed; parses buffered bytes (call it off the hot path)."""
+        raw, self._raw = b"".join(self._raw), []
+        if self._stream:
+            if raw:
+                for data in SseReader().feed(raw + b"\n\n"):
+                    self._event(data)
+        elif raw:
+            self._body(raw)
+        return self._out
+
+    def _choice(self, index: int) -> ChoiceText:
+        choice = self._out.choices.get(index)
+        if choice is None:
+            choice = self._out.choices[index] = ChoiceText(index)
+        return choice
+
+    def _usage(self, body: dict[str, Any]) -> None:
+        usage = body.get("usage")
+        if isinstance(usage, dict):
+            self._out.prompt_tokens = usage.get("prompt_tokens", self._out.prompt_tokens)
+            self._out.completion_tokens = usage.get("completion_tokens", self._out.completion_tokens)
+        if body.get("model"):
+            self._out.model = body["model"]
+
+    def _finished(self, choice: ChoiceText, reason: Any) -> None:
+        if reason and choice.finish_reason is None:
+            choice.finish_reason = str(reason)
+            self._out.finish_order.append(choice.index)
+
+    def _event(self, data: bytes) -> None:
+        if data == b"[DONE]":
+            return
+        try:
+            body = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(body, dict):
+            return
+        if (message := error_message(body)) is not None:
+            self._out.error = message
+            return
+        self._usage(body)
+        for part in body.get("choices") or ():
+            choice = self._choice(int(part.get("index", 0)))
+            if self._kind == "chat":
+                delta = part.get("delta") or {}
+                content, reasoning = delta.get("content") or "", reasoning_of(delta)
+            else:
+                content, reasoning = part.get("text") or "", ""
+            if content or reasoning:
+                choice.content.append(content)
+                choice.reasoning.append(reasoning)
+                choice.tokens += 1
+                if self._on_tokens is not None and choice.tokens % self._interval == 0:
+                    self._on_tokens(choice)
+            self._finished(choice, part.get("finish_reason"))
+
+    def _body(self, raw: bytes) -> None:
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            self._out.error = "response body is not JSON"
+            return
+        if not isinstance(body, dict):
+            return
+        if (message := error_message(body)) is not None:
+            self._out.error = message
+            return
+        self._usage(body)
+        for part in body.get("choices") or ():
+            choice = self._choice(int(part.get("index", 0)))
+            if self._kind == "chat":
+                message = part.get("message") or {}
+                choice.content.append(message.get("content") or "")
+                choice.reasoning.append(reasoning_of(message))
+            else:
+                choice.content.append(part.get("text") or "")
+            self._finished(choice, part.get("finish_reason"))

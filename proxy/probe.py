@@ -1,0 +1,154 @@
+"""Probes: out-of-band "what would you answer now?" requests to the upstream.
+
+A probe continues the generation so far with the probe suffix (ending in
+`\\boxed{`), decodes a few tokens at the paper's sampling and is cut off as
+soon as the braces balance. Probes never touch the main stream: they run as
+their own tasks, at most one in flight per request, under a global bound, and
+are cancelled when the main request ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.certaindex import close_brace, is_hesitant, probe_answer, probe_certaindex
+from proxy.dialect import assistant_prefix, chat_probe_body, completion_probe_body, reasoning_of
+from proxy.metrics import Metrics
+from proxy.observe import ChoiceText
+from proxy.settings import Settings
+from proxy.sse import SseReader
+from proxy.upstream import Headers, Upstream, UpstreamError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ProbeResult:
+    position: int
+    answer: str | None
+    hesitant: bool
+    output_tokens: int
+    latency_ms: float | None
+    status: str  # ok | error | cancelled
+    certaindex: float | None = None
+
+
+class Prober:
+    """Sends probes for every request, under one concurrency bound."""
+
+    def __init__(self, upstream: Upstream, settings: Settings, metrics: Metrics) -> None:
+        self._upstream = upstream
+        self._settings = settings
+        self._metrics = metrics
+        self._slots = asyncio.Semaphore(settings.probe_concurrency)
+        self.sampling = {
+            "max_tokens": settings.probe_max_tokens,
+            "temperature": settings.probe_temperature,
+            "top_p": settings.probe_top_p,
+        }
+
+    def session(self, kind: str, request: dict[str, Any], headers: Headers) -> ProbeSession:
+        return ProbeSession(self, kind, request, headers)
+
+    async def probe(self, kind: str, request: dict[str, Any], headers: Headers, prefix: str,
+                    position: int) -> ProbeResult:
+        suffix = self._settings.probe_suffix
+        if kind == "chat":
+            body, path = chat_probe_body(request, prefix, suffix, self.sampling), "/v1/chat/completions"
+        else:
+            body, path = completion_probe_body(request, prefix, suffix, self.sampling), "/v1/completions"
+        async with self._slots:
+            started = time.perf_counter()
+            output, tokens = await self._decode(path, headers, json.dumps(body).encode(), kind)
+        latency = (time.perf_counter() - started) * 1000
+        self._metrics.probe_tokens += tokens
+        return ProbeResult(position, probe_answer(output), is_hesitant(output), tokens, latency, "ok")
+
+    async def _decode(self, path: str, headers: Headers, body: bytes, kind: str) -> tuple[str, int]:
+        resp = await self._upstream.send("POST", path, headers, body)
+        try:
+            if resp.status != 200:
+                detail = b"".join([c async for c in resp.chunks()])[:300]
+                raise UpstreamError("broken", f"probe got HTTP {resp.status}: {detail!r}")
+            reader, parts, tokens = SseReader(), [], 0
+            async for chunk in resp.chunks():
+                for data in reader.feed(chunk):
+                    if data == b"[DONE]":
+                        continue
+                    for part in json.loads(data).get("choices") or ():
+                        if kind == "chat":
+                            delta = part.get("delta") or {}
+                            text = (delta.get("content") or "") + reasoning_of(delta)
+                        else:
+                            text = part.get("text") or ""
+                        if text:
+                            parts.append(text)
+                            tokens += 1
+                if close_brace("".join(parts))[1]:
+                    break  # the answer is complete; closing the response ends the decode
+            return "".join(parts), tokens
+        finally:
+            await resp.aclose()
+
+
+class ProbeSession:
+    """The probes of one request's main choice."""
+
+    def __init__(self, prober: Prober, kind: str, request: dict[str, Any], headers: Headers) -> None:
+        self._prober = prober
+        self._kind = kind
+        self._request = request
+        self._headers = headers
+        self._task: asyncio.Task[None] | None = None
+        self._pending_position = 0
+        self.results: list[ProbeResult] = []
+
+    def on_tokens(self, choice: ChoiceText) -> None:
+        """Observer callback: the main choice reached another probe point."""
+        metrics = self._prober._metrics
+        if self._task is not None and not self._task.done():
+            metrics.probes["skipped"] += 1  # the last probe is still running: never pile up
+            return
+        if len(self.results) >= self._prober._settings.probe_max_per_request:
+            return
+        if self._kind == "chat":
+            prefix = assistant_prefix(choice.reasoning_text, choice.content_text)
+        else:
+            prefix = choice.content_text
+        self._pending_position = choice.tokens
+        self._task = asyncio.create_task(self._run(prefix, choice.tokens))
+
+    async def _run(self, prefix: str, position: int) -> None:
+        metrics = self._prober._metrics
+        try:
+            result = await self._prober.probe(self._kind, self._request, self._headers, prefix, position)
+        except asyncio.CancelledError:
+            raise
+        except (UpstreamError, ValueError) as exc:
+            log.warning("probe at %d tokens failed: %s", position, exc)
+            metrics.probes["error"] += 1
+            self.results.append(ProbeResult(position, None, False, 0, None, "error"))
+            return
+        metrics.probes["ok"] += 1
+        ok = [r for r in self.results if r.status == "ok"] + [result]
+        result.certaindex = probe_certaindex([r.answer for r in ok], [r.hesitant for r in ok])
+        metrics.observe_certaindex("cot", result.certaindex)
+        self.results.append(result)
+
+    async def close(self) -> None:
+        """Cancel the probe in flight, if any (the main request has ended)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._prober._metrics.probes["cancelled"] += 1
+            self.results.append(
+                ProbeResult(self._pending_position, None, False, 0, None, "cancelled")
+            )

@@ -1,0 +1,110 @@
+"""From an exchange and its observed outcome to the rows the store keeps."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from proxy.certaindex import extract_boxed
+from proxy.observe import ChoiceText, Outcome
+from proxy.programs import FinishedSample
+from proxy.recorder import Record
+
+if TYPE_CHECKING:
+    from proxy.app import Exchange, ProxyApp
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def final_answer(choice: ChoiceText) -> str | None:
+    """The boxed answer of a finished generation: in the answer, else in the reasoning."""
+    return extract_boxed(choice.content_text) or extract_boxed(choice.reasoning_text)
+
+
+def _prompt_text(ex: Exchange) -> str:
+    body = ex.body or {}
+    if ex.kind == "chat":
+        return json.dumps(body.get("messages"), ensure_ascii=False)
+    prompt = body.get("prompt")
+    return prompt if isinstance(prompt, str) else json.dumps(prompt)
+
+
+async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> Record:
+    body = ex.body or {}
+    now = datetime.now(UTC)
+    choices = outcome.choices if outcome else {}
+    first = choices.get(0)
+    completion = first.reasoning_text + first.content_text if first else ""
+    tokens = outcome.completion_tokens if outcome else None
+    if tokens is None and choices:
+        tokens = sum(c.tokens for c in choices.values())
+    if tokens:
+        app.metrics.main_tokens += tokens
+    probes = ex.probes.results if ex.probes else []
+    prompt = _prompt_text(ex)
+    store_text = app.settings.store_text
+    request: dict[str, Any] = {
+        "id": ex.request_id,
+        "created_at": now,
+        "model": (outcome.model if outcome and outcome.model else None) or body.get("model"),
+        "kind": ex.kind,
+        "upstream": app.upstream.base_url,
+        "mode": "observe",
+        "stream": bool(body.get("stream")),
+        "n": body.get("n") if isinstance(body.get("n"), int) else 1,
+        "status_code": ex.status,
+        "error": ex.error or (outcome.error if outcome else None),
+        "prompt_tokens": outcome.prompt_tokens if outcome else None,
+        "completion_tokens": tokens,
+        "finish_reason": first.finish_reason if first else None,
+        "final_answer": final_answer(first) if first else None,
+        "latency_ms": (ex.finished - ex.started) * 1000,
+        "ttft_ms": ex.ttft_s * 1000 if ex.ttft_s is not None else None,
+        "program_id": ex.program_id,
+        "probed": ex.probes is not None,
+        "probe_count": sum(1 for p in probes if p.status == "ok"),
+        "probe_tokens": sum(p.output_tokens for p in probes),
+        "prompt_hash": _sha(prompt),
+        "completion_hash": _sha(completion) if first else None,
+        "prompt_text": prompt if store_text else None,
+        "completion_text": completion if store_text and first else None,
+    }
+    probe_rows = [
+        {
+            "request_id": ex.request_id,
+            "choice_index": 0,
+            "position": p.position,
+            "answer": p.answer,
+            "hesitant": p.hesitant,
+            "output_tokens": p.output_tokens,
+            "latency_ms": p.latency_ms,
+            "status": p.status,
+            "certaindex": p.certaindex,
+        }
+        for p in probes
+    ]
+    sample_rows: list[dict[str, Any]] = []
+    if ex.program_id is not None and outcome is not None and ex.status == 200:
+        finished = [
+            FinishedSample(i, final_answer(choices[i]), None if len(choices) > 1 else tokens,
+                           choices[i].finish_reason)
+            for i in outcome.finish_order
+        ]
+        for s in await app.programs.add(ex.program_id, finished):
+            sample_rows.append({
+                "program_id": ex.program_id,
+                "request_id": ex.request_id,
+                "choice_index": s.sample.choice_index,
+                "sample_index": s.sample_index,
+                "answer": s.sample.answer,
+                "answer_group": s.answer_group,
+                "completion_tokens": s.sample.completion_tokens or choices[s.sample.choice_index].tokens or None,
+                "finish_reason": s.sample.finish_reason,
+                "certaindex": s.certaindex,
+                "created_at": now,
+            })
+    return Record(request, probe_rows, sample_rows)

@@ -1,0 +1,48 @@
+"""Proxy settings: `DYNASOR_*` environment variables, an optional TOML file, then flags.
+
+Every setting is documented once, here; the README's table is generated from it
+(`dynasorctl observe --help` shows the flags that override them).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from proxy.certaindex import DEFAULT_PROBE_SUFFIX
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DYNASOR_", extra="forbid")
+
+    upstream_url: str = Field("http://127.0.0.1:8000", description="base URL of the vLLM or SGLang server")
+    upstream_api_key: str | None = Field(
+        None, description="key sent upstream as a Bearer token; replaces the client's Authorization"
+    )
+    upstream_kind: Literal["auto", "vllm", "sglang"] = Field(
+        "auto", description="which server's dialect to speak for probes (auto: from /version)"
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, description="upstream connect timeout")
+    read_timeout_s: float = Field(600.0, gt=0, description="longest silence from the upstream")
+    host: str = Field("127.0.0.1", description="address the proxy listens on")
+    port: int = Field(8080, ge=1, le=65535, description="port the proxy listens on")
+    db_url: str | None = Field(None, description="SQLAlchemy URL of the store (default: see README)")
+    store_text: bool = Field(False, description="store prompt and completion text, not only hashes")
+    probe_rate: float = Field(1.0, ge=0.0, le=1.0, description="share of requests probed (0: off)")
+    probe_interval: int = Field(64, ge=1, description="probe every this many generated tokens")
+    probe_suffix: str = Field(DEFAULT_PROBE_SUFFIX, description="text appended before probing")
+    probe_max_tokens: int = Field(20, ge=1, description="most tokens a probe decodes")
+    probe_temperature: float = Field(0.6, ge=0.0, description="probe sampling temperature (paper)")
+    probe_top_p: float = Field(0.95, gt=0.0, le=1.0, description="probe nucleus sampling (paper)")
+    probe_concurrency: int = Field(8, ge=1, description="probes in flight at once, all requests")
+    probe_max_per_request: int = Field(256, ge=1, description="most probes for one request")
+    record_queue_size: int = Field(10_000, ge=1, description="records buffered for the store")
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")

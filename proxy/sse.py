@@ -1,0 +1,37 @@
+"""Server-sent events: an incremental reader of `data:` payloads, and frame writers."""
+
+from __future__ import annotations
+
+import json
+
+
+class SseReader:
+    """Feed raw bytes as they arrive; get back the `data:` payload of each complete event."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self._buf + chunk
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+        *events, self._buf = buf.split(b"\n\n")
+        out = []
+        for event in events:
+            data = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+            if data:
+                out.append(b"\n".join(data))
+        return out
+
+
+def error_frame(message: str, type_: str = "upstream_error", code: int = 502) -> bytes:
+    """An OpenAI-style error event followed by the end marker (for errors mid-stream)."""
+    body = json.dumps({"error": {"message": message, "type": type_, "code": code}})
+    return f"data: {body}\n\ndata: [DONE]\n\n".encode()
+
+
+def error_body(message: str, type_: str, code: int) -> bytes:
+    """An OpenAI-shaped JSON error body."""
+    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()

@@ -1,0 +1,1 @@
+"""The observation store: typed SQLAlchemy models, engine set-up and migrations."""

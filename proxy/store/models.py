@@ -1,0 +1,90 @@
+"""SQLAlchemy 2 models of what dynasor observes: requests, probes, program samples.
+
+Raw observations, not verdicts: any policy can be replayed from these rows.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class RequestRow(Base):
+    """One client request relayed to the upstream."""
+
+    __tablename__ = "requests"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    model: Mapped[str | None] = mapped_column(String(200), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # chat | completion
+    upstream: Mapped[str] = mapped_column(String(300))
+    mode: Mapped[str] = mapped_column(String(16), default="observe")
+    stream: Mapped[bool] = mapped_column(Boolean, default=False)
+    n: Mapped[int] = mapped_column(Integer, default=1)
+    status_code: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    final_answer: Mapped[str | None] = mapped_column(Text)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    ttft_ms: Mapped[float | None] = mapped_column(Float)
+    program_id: Mapped[str | None] = mapped_column(String(200), index=True)
+    probed: Mapped[bool] = mapped_column(Boolean, default=False)
+    probe_count: Mapped[int] = mapped_column(Integer, default=0)
+    probe_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_hash: Mapped[str | None] = mapped_column(String(64))
+    completion_hash: Mapped[str | None] = mapped_column(String(64))
+    prompt_text: Mapped[str | None] = mapped_column(Text)
+    completion_text: Mapped[str | None] = mapped_column(Text)
+
+
+class ProbeRow(Base):
+    """One probe: the answer the model gave when forced to answer at `position` tokens."""
+
+    __tablename__ = "probes"
+    __table_args__ = (Index("ix_probes_request_position", "request_id", "position"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("requests.id", ondelete="CASCADE"))
+    choice_index: Mapped[int] = mapped_column(Integer, default=0)
+    position: Mapped[int] = mapped_column(Integer)
+    answer: Mapped[str | None] = mapped_column(Text)
+    hesitant: Mapped[bool] = mapped_column(Boolean, default=False)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16))  # ok | error | cancelled
+    certaindex: Mapped[float | None] = mapped_column(Float)
+
+
+class SampleRow(Base):
+    """One finished sample of a self-consistency program, with certaindex after it."""
+
+    __tablename__ = "program_samples"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    program_id: Mapped[str] = mapped_column(String(200), index=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("requests.id", ondelete="CASCADE"))
+    choice_index: Mapped[int] = mapped_column(Integer, default=0)
+    sample_index: Mapped[int] = mapped_column(Integer)  # order in which samples finished
+    answer: Mapped[str | None] = mapped_column(Text)
+    answer_group: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    certaindex: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,137 @@
+"""The upstream behind one small interface.
+
+`Upstream.send` takes a request and returns a response whose body is read as
+raw chunks. `HttpUpstream` speaks HTTP to a vLLM or SGLang server (aiohttp:
+measured faster than httpx for relaying streams, see README); the serve stage
+puts an in-process engine behind the same interface. Library errors are mapped
+here, once, to `UpstreamError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import aiohttp
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus those the transport recomputes.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+        b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length",
+    }
+)
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached, timed out, or broke off a response."""
+
+    def __init__(self, kind: Literal["connect", "timeout", "broken"], message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    @property
+    def status(self) -> int:
+        return 504 if self.kind == "timeout" else 502
+
+
+class UpstreamResponse(Protocol):
+    status: int
+    headers: Headers
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Upstream(Protocol):
+    base_url: str
+
+    async def send(self, method: str, path: str, headers: Headers, body: bytes) -> UpstreamResponse:
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def forwardable(headers: Headers) -> Headers:
+    """Headers minus hop-by-hop ones (lower-cased names, as ASGI gives them)."""
+    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+
+
+@dataclass
+class _AiohttpResponse:
+    status: int
+    headers: Headers
+    _resp: aiohttp.ClientResponse
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._resp.content.iter_any():
+                yield chunk
+        except asyncio.TimeoutError as exc:
+            raise UpstreamError("timeout", "upstream went silent mid-response") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError("broken", f"upstream broke off the response: {exc}") from exc
+
+    async def aclose(self) -> None:
+        # Closing an unfinished response drops the connection, which is how the
+        # engine learns the client is gone and frees the sequence's slot.
+        self._resp.close()
+
+
+class HttpUpstream:
+    """An OpenAI-compatible server over HTTP, with one pooled client session."""
+
+    def __init__(
+        self,
+        base_url: str,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 600.0,
+        api_key: str | None = None,
+        max_connections: int = 1000,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
+        )
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300),
+                timeout=self._timeout,
+                auto_decompress=False,  # relay bytes exactly as sent
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            )
+        return self._session
+
+    async def send(self, method: str, path: str, headers: Headers, body: bytes) -> UpstreamResponse:
+        out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in forwardable(headers)]
+        if self._api_key:
+            out = [(k, v) for k, v in out if k.lower() != "authorization"]
+            out.append(("Authorization", f"Bearer {self._api_key}"))
+        url = self.base_url + path
+        try:
+            resp = await self._client().request(
+                method, url, headers=out, data=body or None, allow_redirects=False
+            )
+        except asyncio.TimeoutError as exc:
+            raise UpstreamError("timeout", f"upstream {self.base_url} timed out") from exc
+        except aiohttp.ClientConnectionError as exc:
+            raise UpstreamError("connect", f"upstream {self.base_url} unreachable: {exc}") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError("broken", f"upstream {self.base_url} failed: {exc}") from exc
+        headers_out = [(k.lower(), v) for k, v in resp.raw_headers]
+        return _AiohttpResponse(resp.status, forwardable(headers_out), resp)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
