@@ -27,7 +27,7 @@ from proxy.record import build_record
 from proxy.recorder import Record, Recorder, write_records
 from proxy.settings import Settings
 from proxy.sse import error_body, error_frame
-from proxy.upstream import Headers, HttpUpstream, Upstream, UpstreamError
+from proxy.upstream import Headers, HttpUpstream, Upstream, UpstreamError, forwardable
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,8 @@ class ProxyApp:
         observer = ex.observer
         is_sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in resp.headers)
         try:
-            await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
+            headers = forwardable(resp.headers)
+            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
             async for chunk in resp.chunks():
                 if ex.ttft_s is None:
                     ex.ttft_s = time.perf_counter() - ex.started

@@ -63,6 +63,8 @@ class Recorder:
         self._flush_interval_s = flush_interval_s
         self._task: asyncio.Task[None] | None = None
         self._retry: list[Record] = []
+        self._closing = False
+        self._deadline = 0.0
         self.last_error: str | None = None
         self.last_error_at: float | None = None
 
@@ -89,12 +91,16 @@ class Recorder:
     async def _run(self) -> None:
         backoff = self._flush_interval_s
         while True:
-            if not self._retry:
-                first = await self._queue.get()
-                batch = [first]
-            else:
-                await asyncio.sleep(backoff)
+            if self._retry:
+                await asyncio.sleep(0 if self._closing else backoff)
                 batch = self._retry
+            else:
+                try:
+                    batch = [await asyncio.wait_for(self._queue.get(), self._flush_interval_s)]
+                except TimeoutError:
+                    if self._closing:
+                        return
+                    continue
             batch += self._drain(self._batch_size - len(batch))
             if await self._write_batch(batch):
                 self._retry = []
@@ -102,6 +108,11 @@ class Recorder:
             else:
                 self._retry = batch
                 backoff = min(backoff * 2, 5.0)
+                if self._closing and time.monotonic() > self._deadline:
+                    lost = len(batch) + self._queue.qsize()
+                    self._metrics.records_dropped += lost
+                    log.error("shutdown: %d records could not be written", lost)
+                    return
 
     def _drain(self, limit: int) -> list[Record]:
         out: list[Record] = []
@@ -122,23 +133,8 @@ class Recorder:
         return True
 
     async def close(self, timeout_s: float = 10.0) -> None:
-        """Stop the loop and flush everything still queued (one last try)."""
+        """Write everything still queued, retrying until `timeout_s`, then stop."""
+        self._closing = True
+        self._deadline = time.monotonic() + timeout_s
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        deadline = time.monotonic() + timeout_s
-        pending = self._retry + self._drain(self._queue.qsize())
-        self._retry = []
-        while pending:
-            batch, pending = pending[: self._batch_size], pending[self._batch_size :]
-            if not await self._write_batch(batch):
-                if time.monotonic() > deadline:
-                    lost = len(batch) + len(pending)
-                    self._metrics.records_dropped += lost
-                    log.error("shutdown: %d records could not be written", lost)
-                    return
-                pending = batch + pending
-                await asyncio.sleep(0.2)
+            await self._task

@@ -128,8 +128,7 @@ class HttpUpstream:
             raise UpstreamError("connect", f"upstream {self.base_url} unreachable: {exc}") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError("broken", f"upstream {self.base_url} failed: {exc}") from exc
-        headers_out = [(k.lower(), v) for k, v in resp.raw_headers]
-        return _AiohttpResponse(resp.status, forwardable(headers_out), resp)
+        return _AiohttpResponse(resp.status, [(k.lower(), v) for k, v in resp.raw_headers], resp)
 
     async def aclose(self) -> None:
         if self._session is not None:
