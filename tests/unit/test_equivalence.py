@@ -1,0 +1,64 @@
+"""Math-aware answer equivalence: fast path, math-verify, caching, async timeouts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from proxy.equivalence import AsyncEquivalence, Equivalence, group_answers
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [("\\frac{1}{2}", "0.5", True), ("36", "36.0", True), ("\\dfrac{3}{4}", "3/4", True),
+     ("2", "3", False), ("x", None, False), ("\\sqrt{4}", "2", True)],
+)
+def test_same(a, b, same):
+    assert Equivalence().same(a, b) is same
+
+
+def test_slow_path_is_cached_and_symmetric():
+    calls = []
+
+    def slow(a, b):
+        calls.append((a, b))
+        return True
+
+    eq = Equivalence(slow)
+    assert eq.same("a1", "b1") and eq.same("b1", "a1")
+    assert calls == [("a1", "b1")]
+    assert eq.same("7", "7.") and len(calls) == 1  # fast path, no slow call
+
+
+def test_group_answers_joins_equivalent_answers():
+    eq = Equivalence()
+    assert group_answers(["\\frac{1}{2}", "0.5", None, "1", None], eq.same) == [0, 0, 1, 2, 3]
+
+
+async def test_async_grouping_matches_sync():
+    eq = AsyncEquivalence()
+    try:
+        assert await eq.group(["\\frac{1}{2}", "0.5", None, "1"]) == [0, 0, 1, 2]
+        assert await eq.same("2", "2")
+    finally:
+        eq.close()
+
+
+def _slow_check(a, b):
+    time.sleep(5)
+    return True
+
+
+async def test_async_equivalence_times_out_to_different(monkeypatch):
+    import proxy.equivalence as mod
+
+    monkeypatch.setattr(mod, "_math_verify", _slow_check)
+    eq = AsyncEquivalence(timeout_s=0.5)
+    try:
+        started = time.perf_counter()
+        assert await eq.same("x+1", "1+x") is False
+        assert time.perf_counter() - started < 3
+        assert eq.timeouts == 1
+    finally:
+        eq.close()

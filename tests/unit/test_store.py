@@ -1,0 +1,73 @@
+"""The store: migrations (empty, down and up with data, one head) and batched writes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from proxy.recorder import Record, write_records
+from proxy.store import db
+from proxy.store.models import ProbeRow, RequestRow, SampleRow
+
+
+def _record(rid: str) -> Record:
+    now = datetime.now(UTC)
+    request = {"id": rid, "created_at": now, "model": "m", "kind": "chat", "upstream": "u", "mode": "observe",
+               "stream": True, "n": 1, "status_code": 200, "probed": True, "probe_count": 1,
+               "probe_tokens": 3}
+    probe = {"request_id": rid, "choice_index": 0, "position": 64, "answer": "5", "hesitant": False,
+             "output_tokens": 3, "latency_ms": 1.0, "status": "ok", "certaindex": 1 / 3}
+    sample = {"program_id": "p", "request_id": rid, "choice_index": 0, "sample_index": 0, "answer": "5",
+              "answer_group": 0, "completion_tokens": 10, "finish_reason": "stop", "certaindex": 0.0,
+              "created_at": now}
+    return Record(request, [probe], [sample])
+
+
+def test_single_head():
+    assert len(db.heads()) == 1
+
+
+def test_upgrade_from_empty_then_write_and_read(tmp_path):
+    engine = db.open_store(f"sqlite:///{tmp_path}/s.db")
+    assert db.current(engine) == db.heads()[0]
+    write_records(engine, [_record("a"), _record("b")])
+    with Session(engine) as s:
+        assert s.scalar(select(func.count()).select_from(RequestRow)) == 2
+        assert s.scalar(select(func.count()).select_from(ProbeRow)) == 2
+        assert s.scalar(select(func.count()).select_from(SampleRow)) == 2
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_downgrade_and_upgrade_with_data_present(tmp_path):
+    engine = db.open_store(f"sqlite:///{tmp_path}/s.db")
+    write_records(engine, [_record("a")])
+    db.downgrade(engine, "base")
+    assert db.current(engine) is None
+    assert not db.has_schema(engine)
+    db.upgrade(engine)
+    write_records(engine, [_record("b")])
+    with Session(engine) as s:
+        assert s.scalars(select(RequestRow.id)).all() == ["b"]
+
+
+def test_broken_database_file_is_a_clear_store_error(tmp_path):
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(db.StoreError, match="file is not a database"):
+        db.open_store(f"sqlite:///{bad}")
+
+
+def test_not_a_url_is_a_clear_store_error():
+    with pytest.raises(db.StoreError, match="not a database URL"):
+        db.open_store("::nope::")
+
+
+def test_default_url_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert db.default_url() == f"sqlite:///{tmp_path}/dynasor/dynasor.db"
+    monkeypatch.setenv("DYNASOR_DB_URL", "sqlite:///x.db")
+    assert db.default_url() == "sqlite:///x.db"
