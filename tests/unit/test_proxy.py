@@ -278,3 +278,32 @@ async def test_other_paths_pass_through_and_health_metrics_are_ours():
     assert health.json()["status"] == "ok"
     assert 'dynasor_requests_total{endpoint="/v1/models",code="200"} 1' in metrics.text
     assert sink.records == []  # only completions are recorded
+
+
+async def test_sglang_wire_format_reasoning_and_empty_usage_chunk():
+    """SGLang's shape (ENGINE.md): reasoning_content deltas, matched_stop, a last `choices: []` chunk."""
+    events = [{"id": "s", "object": "chat.completion.chunk",
+               "choices": [{"index": 0, "delta": {"role": "assistant", "content": None,
+                                                  "reasoning_content": "think "}, "finish_reason": None,
+                            "matched_stop": None}]} for _ in range(64)]
+    events.append({"id": "s", "choices": [{"index": 0, "delta": {"content": "so \\boxed{9}",
+                                                                 "reasoning_content": None},
+                                           "finish_reason": "stop", "matched_stop": 2}]})
+    events.append({"id": "s", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 65,
+                                                       "reasoning_tokens": 64}})
+    main = FakeResponse(200, list(SSE), [f"data: {json.dumps(e)}\n\n".encode() for e in events]
+                        + [b"data: [DONE]\n\n"], delay_s=0.001)
+
+    def handler(call: Call):
+        return probe_reply("9}") if call.json().get("continue_final_message") else main
+
+    app, upstream, sink, client = make(handler)
+    async with app:
+        r = await client.post("/v1/chat/completions", json=chat_body(stream=True,
+                                                                   stream_options={"include_usage": True}))
+    assert r.content == b"".join(main.parts)
+    prefix = upstream.probe_calls()[0].json()["messages"][-1]["content"]
+    assert prefix.startswith("<think>\nthink think ")  # the split-off reasoning is put back
+    rec = sink.records[0].request
+    assert (rec["final_answer"], rec["completion_tokens"], rec["prompt_tokens"]) == ("9", 65, 5)
+    assert sink.records[0].probes[0]["answer"] == "9"
