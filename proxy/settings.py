@@ -6,8 +6,6 @@ Every setting is documented once, here; the README's table is generated from it
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -20,9 +18,6 @@ class Settings(BaseSettings):
     upstream_url: str = Field("http://127.0.0.1:8000", description="base URL of the vLLM or SGLang server")
     upstream_api_key: str | None = Field(
         None, description="key sent upstream as a Bearer token; replaces the client's Authorization"
-    )
-    upstream_kind: Literal["auto", "vllm", "sglang"] = Field(
-        "auto", description="which server's dialect to speak for probes (auto: from /version)"
     )
     connect_timeout_s: float = Field(5.0, gt=0, description="upstream connect timeout")
     read_timeout_s: float = Field(600.0, gt=0, description="longest silence from the upstream")
