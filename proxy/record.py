@@ -25,12 +25,16 @@ def final_answer(choice: ChoiceText) -> str | None:
     return extract_boxed(choice.content_text) or extract_boxed(choice.reasoning_text)
 
 
-def _prompt_text(ex: Exchange) -> str:
-    body = ex.body or {}
-    if ex.kind == "chat":
+def prompt_text(kind: str, body: dict[str, Any]) -> str:
+    """The prompt as stored (and hashed): chat messages as JSON, or the completion prompt."""
+    if kind == "chat":
         return json.dumps(body.get("messages"), ensure_ascii=False)
     prompt = body.get("prompt")
     return prompt if isinstance(prompt, str) else json.dumps(prompt)
+
+
+def prompt_hash(kind: str, body: dict[str, Any]) -> str:
+    return _sha(prompt_text(kind, body))
 
 
 async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> Record:
@@ -45,7 +49,7 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
     if tokens:
         app.metrics.main_tokens += tokens
     probes = ex.probes.results if ex.probes else []
-    prompt = _prompt_text(ex)
+    prompt = prompt_text(ex.kind, body)
     store_text = app.settings.store_text
     request: dict[str, Any] = {
         "id": ex.request_id,
