@@ -1,0 +1,110 @@
+"""End to end: real recorded traces, replayed by `dynasorctl replay`, observed by the proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+
+import httpx
+import uvicorn
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dynasorctl import traces
+from dynasorctl.replay import serve_replay
+from proxy.app import create_app
+from proxy.certaindex import normalize_answer
+from proxy.equivalence import Equivalence
+from proxy.settings import Settings
+from proxy.store.db import open_store
+from proxy.store.models import ProbeRow, RequestRow, SampleRow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _serve_proxy(settings: Settings):
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    return server, task
+
+
+async def test_probes_recorded_through_the_proxy_match_the_recorded_trace(tmp_path):
+    sample = traces.load_cot(traces.PACKAGED_SAMPLE)[:6]
+    db_url = f"sqlite:///{tmp_path}/obs.db"
+    async with serve_replay(sample, tokens_per_second=1500) as upstream:
+        # the traces were probed with up to 32 answer tokens; at the default 20 a long
+        # answer is cut before its closing brace
+        settings = Settings(upstream_url=upstream, db_url=db_url, port=_free_port(), probe_max_tokens=32)
+        server, task = await _serve_proxy(settings)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.port}", timeout=120) as client:
+                async def one(trace):
+                    body = {"model": trace.model, "seed": trace.seed, "stream": True,
+                            "messages": [{"role": "user", "content": trace.problem}]}
+                    r = await client.post("/v1/chat/completions", json=body)
+                    assert r.status_code == 200 and r.content.endswith(b"data: [DONE]\n\n")
+
+                await asyncio.gather(*(one(t) for t in sample))
+        finally:
+            server.should_exit = True
+            await task  # shutdown flushes the store
+    engine = open_store(db_url)
+    with Session(engine) as s:
+        rows = s.scalars(select(RequestRow)).all()
+        assert len(rows) == len(sample)
+        by_tokens = {r.completion_tokens: r for r in rows}
+        for trace in sample:
+            row = by_tokens[trace.completion_tokens]
+            assert normalize_answer(row.final_answer) == normalize_answer(trace.final_answer)
+            assert row.finish_reason == trace.finish_reason
+            probes = s.scalars(select(ProbeRow).where(ProbeRow.request_id == row.id,
+                                                      ProbeRow.status == "ok")).all()
+            assert len(probes) >= 3
+            recorded = {p.position: p.answer for p in trace.probes}
+            for p in probes:
+                # the proxy's probe at position p got the answer the model gave there
+                assert p.position % 64 == 0
+                assert p.answer == recorded[p.position], (trace.trace_id, p.position)
+
+
+async def test_self_consistency_program_certaindex_from_real_samples(tmp_path):
+    program = traces.load_sc(traces.PACKAGED_SAMPLE.with_name("sc-sample.jsonl.gz"))[0]
+    db_url = f"sqlite:///{tmp_path}/obs.db"
+    async with serve_replay([program]) as upstream:
+        settings = Settings(upstream_url=upstream, db_url=db_url, port=_free_port())
+        server, task = await _serve_proxy(settings)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.port}", timeout=120) as client:
+                body = {"model": program.model, "n": len(program.samples),
+                        "messages": [{"role": "user", "content": program.problem}]}
+                assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+        finally:
+            server.should_exit = True
+            await task
+    with Session(open_store(db_url)) as s:
+        samples = s.scalars(select(SampleRow).order_by(SampleRow.sample_index)).all()
+    assert len(samples) == len(program.samples)
+    eq = Equivalence()
+    for got, recorded in zip(samples, program.samples):
+        assert eq.same(got.answer, recorded.final_answer) or got.answer == recorded.final_answer
+    assert all(0.0 <= x.certaindex <= 1.0 for x in samples)
+    n_groups = len({x.answer_group for x in samples})
+    assert (samples[-1].certaindex == 1.0) == (n_groups == 1)
+
+
+def test_demo_command_runs_end_to_end(tmp_path):
+    db = f"sqlite:///{tmp_path}/demo.db"
+    result = subprocess.run([sys.executable, "-m", "dynasorctl", "demo", "--limit", "4", "--db", db],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "4 requests observed" in result.stdout
+    assert "paper's rule would have stopped" in result.stdout
