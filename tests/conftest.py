@@ -9,4 +9,5 @@ import pytest
 def _isolated_state(tmp_path, monkeypatch):
     """Point the default store at a temp dir so no test touches the operator's files."""
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("DYNASOR_DB_URL", raising=False)

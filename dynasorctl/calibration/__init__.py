@@ -1,0 +1,1 @@
+"""Calibration: replay candidate policies over observations, bound the damage, recommend one."""

@@ -1,0 +1,298 @@
+"""`dynasorctl calibrate` and `dynasorctl evaluate`: find a policy, then check one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dynasorctl.calibration.bounds import clopper_pearson_upper
+from dynasorctl.calibration.evaluate import (
+    Summary,
+    check_schedule,
+    evaluate_cot,
+    evaluate_sc,
+    probe_interval,
+)
+from dynasorctl.calibration.grading import Grader, load_cache, save_cache
+from dynasorctl.calibration.metrics import Grades
+from dynasorctl.calibration.observed import ObservedProgram, ObservedRun, load_observations
+from dynasorctl.calibration.policyfile import read_policy_file, write_policy_file
+from dynasorctl.calibration.replay import Replayer
+from dynasorctl.calibration.report import print_report, pts, save_png
+from dynasorctl.calibration.sc import calibrate_sc
+from dynasorctl.calibration.search import (
+    SCHEDULES,
+    Calibration,
+    Target,
+    calibrate_cot,
+    split_by_group,
+)
+from dynasorctl.calibration.table import build_table
+from dynasorctl.errors import UserError
+from proxy.policy import CotPolicy, PolicyFile
+
+# Reports are wide tables: outside a terminal (pipes, CI) do not squeeze them to 80 columns.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dynasor"
+
+
+def _keep(cache: Path, grader: Grader) -> None:
+    """Add what the grader learned to the cache; a cache never fails a run."""
+    if grader.learned:
+        with contextlib.suppress(OSError):
+            save_cache(cache, {**load_cache(cache), **grader.learned})
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True)
+
+
+def _share(points: float | None, option: str) -> float | None:
+    if points is None:
+        return None
+    if not 0 < points < 100:
+        raise UserError(f"{option} is in percentage points and must be between 0 and 100, "
+                        f"not {points:g}")
+    return points / 100
+
+
+def _observations(traces: list[Path] | None, db: str | None,
+                  model: str) -> list[ObservedRun] | list[ObservedProgram]:
+    if db is not None or not traces:
+        # The seam for the observation store: it will yield the same ObservedRun /
+        # ObservedProgram records as the trace files do.
+        raise UserError("calibrating from the observation store (--db) is not available yet; "
+                        "pass recorded traces with --traces FILE")
+    data = load_observations(traces)
+    if model != "*":
+        data = [d for d in data if d.model == model]  # type: ignore[assignment]
+        if not data:
+            raise UserError(f"no records of model {model!r} in the trace files")
+    return data
+
+
+def _target(data: list, max_accuracy_drop: float | None,
+            max_answer_change: float | None) -> Target:
+    drop = _share(max_accuracy_drop, "--max-accuracy-drop")
+    change = _share(max_answer_change, "--max-answer-change")
+    labelled = any((d.gold is not None) for d in data)
+    if not labelled:  # without labels, quality is measured as answers changed
+        change, drop = (change if change is not None else drop), None
+    if drop is None and change is None:
+        raise UserError("set a target: --max-accuracy-drop or --max-answer-change")
+    return Target(drop, change)
+
+
+def _check_reachable(data: list, target: Target, seed: int, alpha: float) -> None:
+    """Fail fast when even a policy that damages nothing could not be certified."""
+    holdout = int((~split_by_group([d.group for d in data], seed)).sum())
+    if holdout == 0:
+        raise UserError("too few problems to hold any out: calibration needs at least two")
+    best = clopper_pearson_upper(0, holdout, alpha)
+    for name, value in (("--max-accuracy-drop", target.max_accuracy_drop),
+                        ("--max-answer-change", target.max_answer_change)):
+        if value is not None and best > value:
+            raise UserError(
+                f"{name} {pts(value)} points cannot be certified on {holdout} held-out records: "
+                f"even with no answer affected the 95% bound is {pts(best)} points; "
+                "raise the target or add data")
+
+
+def _provenance(cal: Calibration, target: Target, traces: list[Path],
+                seed: int) -> dict[str, str | int | float | bool]:
+    assert cal.recommended is not None
+    h = cal.recommended.holdout
+    out: dict[str, str | int | float | bool] = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": ", ".join(p.name for p in traces),
+        "candidate": cal.recommended.candidate.name,
+        "seed": seed,
+        "holdout_records": cal.holdout_runs,
+        "holdout_net_saved": round(h.net_saved, 6),
+        "holdout_answers_changed": h.changed,
+        "holdout_answers_changed_upper95": round(h.changed_upper, 6),
+        "guarantee": "fixed-sequence testing, 95%",
+    }
+    if h.labelled:
+        out["holdout_answers_lost"] = h.lost
+        out["holdout_answers_lost_upper95"] = round(h.lost_upper, 6)
+    if target.max_accuracy_drop is not None:
+        out["target_max_accuracy_drop"] = target.max_accuracy_drop
+    if target.max_answer_change is not None:
+        out["target_max_answer_change"] = target.max_answer_change
+    return out
+
+
+def calibrate(
+    traces: Annotated[list[Path] | None, typer.Option(
+        "--traces", help="recorded trace file to calibrate on (repeatable)")] = None,
+    db: Annotated[str | None, typer.Option(
+        "--db", help="observation store URL (not available yet: use --traces)")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="write the recommended policy file (TOML) here")] = None,
+    plot: Annotated[Path | None, typer.Option(help="also save the frontier plot as a PNG")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(
+        help="target: 95% upper bound on answers lost, in percentage points")] = 0.5,
+    max_answer_change: Annotated[float | None, typer.Option(
+        help="target: 95% upper bound on answers changed, in percentage points")] = None,
+    model: Annotated[str, typer.Option(
+        help='calibrate on this model\'s records only and scope the policy to it; "*": all')] = "*",
+    seed: Annotated[int, typer.Option(help="seed of the split of problems into tune/holdout")] = 0,
+    workers: Annotated[int, typer.Option(
+        help="processes for the slow math-aware answer checks")] = min(2, os.cpu_count() or 1),
+    cache_dir: Annotated[Path | None, typer.Option(
+        help="where answer checks are cached between runs (default ~/.cache/dynasor)")] = None,
+) -> None:
+    """Find the policy that saves the most compute with the damage bounded (95%), held out."""
+    started = time.perf_counter()
+    alpha = 0.05
+    data = _observations(traces, db, model)
+    target = _target(data, max_accuracy_drop, max_answer_change)
+    _check_reachable(data, target, seed, alpha)
+    cache = (cache_dir or default_cache_dir()) / "answer-checks.json"
+    kind = "sc" if isinstance(data[0], ObservedProgram) else "cot"
+    with Grader(workers=max(1, workers), known=load_cache(cache)) as grader, _progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        if kind == "cot":
+            recorded = probe_interval(data)  # type: ignore[arg-type]
+            if recorded == 0:
+                raise UserError("the traces hold no probes: nothing to calibrate on")
+            for _, schedule in SCHEDULES:
+                check_schedule(CotPolicy(**schedule), recorded)
+            progress("reading probes and text signals", 0, 1)
+            table = build_table(data)  # type: ignore[arg-type]
+            progress("reading probes and text signals", 1, 1)
+            cal = calibrate_cot(Replayer(table), Grades(table, grader), [d.group for d in data],
+                                target, seed, alpha, progress)
+        else:
+            cal = calibrate_sc(data, grader, target, seed, alpha, progress)  # type: ignore[arg-type]
+    _keep(cache, grader)
+    print_report(console, cal, target, kind, time.perf_counter() - started)
+    if plot is not None:
+        save_png(cal, target, plot)
+        console.print(f"plot written to {plot}")
+    if cal.recommended is None:
+        raise UserError(_no_policy_message(cal, target))
+    rec = cal.recommended
+    console.print(f"[bold green]recommended:[/] {rec.candidate.name}: "
+                  f"{pts(rec.holdout.net_saved)}% net saved held out; " + _damage_text(rec, target))
+    if out is not None:
+        policy = PolicyFile(kind=kind, model=model, **{kind: rec.candidate.policy},
+                            provenance=_provenance(cal, target, traces or [], seed))
+        write_policy_file(out, policy)
+        console.print(f"policy written to {out}")
+
+
+def _damage_text(e, target: Target) -> str:
+    h = e.holdout
+    parts = []
+    if target.max_accuracy_drop is not None and h.labelled:
+        parts.append(f"answers lost {pts(h.lost / h.labelled)} points "
+                     f"(95% bound {pts(h.lost_upper)} <= {pts(target.max_accuracy_drop)})")
+    if target.max_answer_change is not None:
+        parts.append(f"answers changed {pts(h.changed_share)} points "
+                     f"(95% bound {pts(h.changed_upper)} <= {pts(target.max_answer_change)})")
+    return "; ".join(parts)
+
+
+def _no_policy_message(cal: Calibration, target: Target) -> str:
+    tested = [e for e in cal.evaluated if e.tested and e.holdout.net_saved > 0]
+    what = ("answers lost" if target.max_accuracy_drop is not None else "answers changed")
+    if not tested:
+        return "no candidate policy saves compute on the tuning split; nothing to recommend"
+    best = min(tested, key=lambda e: (e.holdout.lost_upper if what == "answers lost"
+                                      else e.holdout.changed_upper))
+    bound = best.holdout.lost_upper if what == "answers lost" else best.holdout.changed_upper
+    limit = target.max_accuracy_drop if what == "answers lost" else target.max_answer_change
+    return (f"no policy keeps {what} within {pts(limit)} points at 95% confidence on the "
+            f"held-out problems; the tightest bound with positive savings is {pts(bound)} points "
+            f"({best.candidate.name}, {pts(best.holdout.net_saved)}% net saved); "
+            "raise the target or add data")
+
+
+def _summary_table(s: Summary, kind: str) -> Table:
+    table = Table(title="Policy against the unstopped runs" if kind == "cot"
+                  else "Policy against using every recorded sample")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    unit = "runs" if kind == "cot" else "programs"
+    table.add_row(f"{unit} (in the policy's scope)", f"{s.runs} ({s.in_scope})")
+    table.add_row("net compute saved", f"{pts(s.net_saved)}%")
+    table.add_row(f"{unit} stopped early", f"{pts(s.stopped)}%")
+    if s.labelled:
+        table.add_row("accuracy, full → policy",
+                      f"{pts(s.accuracy_full)}% → {pts(s.accuracy_policy)}%")
+        table.add_row("answers lost / gained", f"{s.lost} / {s.gained}")
+    table.add_row("answers changed", str(s.changed))
+    return table
+
+
+def evaluate(
+    traces: Annotated[Path, typer.Option("--traces", help="recorded trace file")],
+    policy: Annotated[Path, typer.Option("--policy", help="policy file (TOML)")],
+    out: Annotated[Path, typer.Option("--out", help="write one JSON decision a line here")],
+    workers: Annotated[int, typer.Option(
+        help="processes for the slow math-aware answer checks")] = min(2, os.cpu_count() or 1),
+    cache_dir: Annotated[Path | None, typer.Option(
+        help="where answer checks are cached between runs (default ~/.cache/dynasor)")] = None,
+) -> None:
+    """Apply one policy to every record of a trace file, as the proxy would decide."""
+    started = time.perf_counter()
+    pf = read_policy_file(policy)
+    data = load_observations([traces])
+    kind = "sc" if isinstance(data[0], ObservedProgram) else "cot"
+    if pf.kind != kind:
+        names = {"cot": "chain-of-thought", "sc": "self-consistency"}
+        raise UserError(f"{policy} is a {names[pf.kind]} policy but {traces} holds "
+                        f"{names[kind]} records")
+    cache = (cache_dir or default_cache_dir()) / "answer-checks.json"
+    with Grader(workers=max(1, workers), known=load_cache(cache)) as grader, _progress() as bar:
+        task = bar.add_task("applying the policy", total=len(data))
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        if kind == "cot":
+            decisions, summary = evaluate_cot(data, pf, grader, progress)  # type: ignore[arg-type]
+        else:
+            decisions, summary = evaluate_sc(data, pf, grader, progress)  # type: ignore[arg-type]
+    try:
+        with out.open("w", encoding="utf-8") as fh:
+            for d in decisions:
+                fh.write(json.dumps(d, ensure_ascii=False) + "\n")
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write decisions ({exc.strerror})") from exc
+    _keep(cache, grader)
+    console.print(_summary_table(summary, kind))
+    if summary.in_scope == 0:
+        console.print(f"[yellow]note:[/] the policy is scoped to model {pf.model!r}, "
+                      "which no record in the file is from: nothing was stopped")
+    console.print(f"{len(decisions)} decisions written to {out} "
+                  f"({time.perf_counter() - started:.1f} s)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("calibrate")(calibrate)
+    app.command("evaluate")(evaluate)
