@@ -18,14 +18,8 @@ from typer.testing import CliRunner
 from dynasorctl import traces
 from dynasorctl.commands import replay as replay_command
 from dynasorctl.errors import UserError
-from dynasorctl.replay import (
-    HESITATION_TAIL,
-    ReplayApp,
-    create_replay_app,
-    serve_replay,
-    split_pieces,
-    token_position,
-)
+from dynasorctl.recordings import HESITATION_TAIL, split_pieces, token_position
+from dynasorctl.replay import ReplayApp, create_replay_app, serve_replay
 from dynasorctl.traces import CotTrace, ScProgram
 from proxy.certaindex import DEFAULT_PROBE_SUFFIX, is_hesitant, probe_answer
 from proxy.policy import ProbeObservation
