@@ -28,6 +28,7 @@ test: install engine
 	$(BIN)/pytest -q
 
 bench: install
+	bash scripts/bench-deps.sh
 	$(BIN)/dynasorctl bench proxy
 
 clean:

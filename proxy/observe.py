@@ -8,7 +8,7 @@ the relay's hot path.
 
 from __future__ import annotations
 
-import json
+import orjson
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,11 +73,22 @@ class ResponseObserver:
         raw, self._raw = b"".join(self._raw), []
         if self._stream:
             if raw:
-                for data in SseReader().feed(raw + b"\n\n"):
-                    self._event(data)
+                self._events(SseReader().feed(raw + b"\n\n"))
         elif raw:
             self._body(raw)
         return self._out
+
+    def _events(self, payloads: list[bytes]) -> None:
+        """Many events at once: one JSON parse of them all is several times cheaper."""
+        payloads = [p for p in payloads if p != b"[DONE]"]
+        try:
+            bodies = orjson.loads(b"[" + b",".join(payloads) + b"]")
+        except orjson.JSONDecodeError:  # one bad event: fall back to one at a time
+            for data in payloads:
+                self._event(data)
+            return
+        for body in bodies:
+            self._apply(body)
 
     def _choice(self, index: int) -> ChoiceText:
         choice = self._out.choices.get(index)
@@ -102,9 +113,12 @@ class ResponseObserver:
         if data == b"[DONE]":
             return
         try:
-            body = json.loads(data)
-        except ValueError:
+            body = orjson.loads(data)
+        except orjson.JSONDecodeError:
             return
+        self._apply(body)
+
+    def _apply(self, body: Any) -> None:
         if not isinstance(body, dict):
             return
         if (message := error_message(body)) is not None:
@@ -128,8 +142,8 @@ class ResponseObserver:
 
     def _body(self, raw: bytes) -> None:
         try:
-            body = json.loads(raw)
-        except ValueError:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
             self._out.error = "response body is not JSON"
             return
         if not isinstance(body, dict):

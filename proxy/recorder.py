@@ -53,7 +53,7 @@ class Recorder:
         write: Callable[[Sequence[Record]], None],
         metrics: Metrics,
         queue_size: int = 10_000,
-        batch_size: int = 200,
+        batch_size: int = 500,
         flush_interval_s: float = 0.25,
     ) -> None:
         self._write = write
@@ -101,6 +101,10 @@ class Recorder:
                     if self._closing:
                         return
                     continue
+                if not self._closing and self._queue.qsize() < self._batch_size - 1:
+                    # Let a batch gather: one write per flush interval, not one per
+                    # request, keeps the writer thread off the event loop's back.
+                    await asyncio.sleep(self._flush_interval_s)
             batch += self._drain(self._batch_size - len(batch))
             if await self._write_batch(batch):
                 self._retry = []

@@ -18,13 +18,16 @@ import aiohttp
 
 Headers = list[tuple[bytes, bytes]]
 
-# RFC 9110 7.6.1 hop-by-hop headers, plus those the transport recomputes.
+# RFC 9110 7.6.1 hop-by-hop headers: they describe one connection, not the message.
 HOP_BY_HOP = frozenset(
     {
         b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-        b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length",
+        b"trailer", b"transfer-encoding", b"upgrade",
     }
 )
+# On the way up the HTTP client sets these itself, for the upstream's address and
+# the body it sends.
+REQUEST_ONLY = HOP_BY_HOP | {b"host", b"content-length"}
 
 
 class UpstreamError(Exception):
@@ -57,9 +60,12 @@ class Upstream(Protocol):
     async def aclose(self) -> None: ...
 
 
-def forwardable(headers: Headers) -> Headers:
-    """Headers minus hop-by-hop ones (lower-cased names, as ASGI gives them)."""
-    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+def forwardable(headers: Headers, drop: frozenset[bytes] = HOP_BY_HOP) -> Headers:
+    """Headers minus hop-by-hop ones (lower-cased names, as ASGI gives them).
+
+    A response keeps its content-length: the body is relayed byte for byte.
+    """
+    return [(k, v) for k, v in headers if k.lower() not in drop]
 
 
 @dataclass
@@ -113,7 +119,7 @@ class HttpUpstream:
         return self._session
 
     async def send(self, method: str, path: str, headers: Headers, body: bytes) -> UpstreamResponse:
-        out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in forwardable(headers)]
+        out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in forwardable(headers, REQUEST_ONLY)]
         if self._api_key:
             out = [(k, v) for k, v in out if k.lower() != "authorization"]
             out.append(("Authorization", f"Bearer {self._api_key}"))

@@ -48,8 +48,10 @@ def serve(app: Any, host: str, port: int) -> None:
     """Serve an ASGI app with uvicorn until SIGINT/SIGTERM (shutdown flushes the store)."""
     import uvicorn
 
+    # No Server or Date header of its own: the client gets the upstream's.
     config = uvicorn.Config(app, host=host, port=port, loop="uvloop", http="httptools",
-                            log_level="warning", access_log=False, lifespan="on")
+                            log_level="warning", access_log=False, lifespan="on",
+                            server_header=False, date_header=False)
     uvicorn.Server(config).run()
 
 

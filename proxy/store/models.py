@@ -1,4 +1,5 @@
-"""SQLAlchemy 2 models of what dynasor observes: requests, probes, program samples.
+"""SQLAlchemy 2 models of what dynasor observes (requests, probes, program samples) and of
+what the operator adds to it (gold labels, calibrated policies).
 
 Raw observations, not verdicts: any policy can be replayed from these rows.
 """
@@ -7,7 +8,19 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -88,3 +101,43 @@ class SampleRow(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     certaindex: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class LabelRow(Base):
+    """A gold answer for one request, or for every request with one prompt (by its hash).
+
+    Rows are never updated: a newer label for the same request or prompt wins, and a
+    request's own label wins over its prompt's.
+    """
+
+    __tablename__ = "labels"
+    __table_args__ = (
+        CheckConstraint("(request_id IS NULL) <> (prompt_hash IS NULL)", name="one_target"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str | None] = mapped_column(
+        ForeignKey("requests.id", ondelete="CASCADE"), index=True)
+    prompt_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    gold: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(300))  # where it came from, e.g. the file imported
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PolicyRow(Base):
+    """A policy file kept in the store, versioned per (kind, model scope); active ones apply."""
+
+    __tablename__ = "policies"
+    __table_args__ = (
+        Index("ix_policies_kind_model_version", "kind", "model", "version", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(8))  # cot | sc
+    model: Mapped[str] = mapped_column(String(200))  # the model it applies to, "*" for all
+    version: Mapped[int] = mapped_column(Integer)  # 1, 2, ... within (kind, model)
+    policy_toml: Mapped[str] = mapped_column(Text)  # the policy file, as `--out` writes it
+    source: Mapped[str] = mapped_column(Text)  # what it was calibrated on
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    active: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    note: Mapped[str | None] = mapped_column(Text)

@@ -46,7 +46,8 @@ def chat_body(**extra):
 async def test_non_streaming_body_status_and_headers_are_the_upstream_bytes():
     raw = b'{"id":"x",  "choices":[{"index":0,"message":{"role":"assistant","content":"so \\\\boxed{42}"},' \
           b'"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":5}, "odd": 1}'
-    headers = [*JSON, (b"x-upstream", b"yes"), (b"connection", b"keep-alive")]
+    headers = [*JSON, (b"x-upstream", b"yes"), (b"connection", b"keep-alive"),
+               (b"content-length", str(len(raw)).encode())]
     app, upstream, sink, client = make(lambda call: FakeResponse(201, headers, [raw[:10], raw[10:]]))
     async with app:
         r = await client.post("/v1/chat/completions", content=json.dumps(chat_body()).encode())
@@ -54,6 +55,7 @@ async def test_non_streaming_body_status_and_headers_are_the_upstream_bytes():
     assert r.content == raw
     assert r.headers["x-upstream"] == "yes"
     assert "keep-alive" not in r.headers.get("connection", "")
+    assert r.headers["content-length"] == str(len(raw))  # the body is relayed as is
     (rec,) = sink.records
     assert rec.request["final_answer"] == "42"
     assert rec.request["completion_tokens"] == 5
@@ -225,7 +227,8 @@ async def test_full_record_queue_drops_and_counts():
             await client.post("/v1/chat/completions", json=chat_body())
         await asyncio.sleep(0.1)
         assert app.metrics.records_dropped >= 1
-        assert (await client.get("/health")).json()["status"] == "degraded"
+        health = (await client.get("/health")).json()
+        assert health["status"] == "degraded" and health["store"]["dropped"] >= 1
         sink.failures = 0
 
 

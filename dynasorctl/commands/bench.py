@@ -1,0 +1,88 @@
+"""`dynasorctl bench`: measure the proxy's overhead (a script, not a timed test)."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from dynasorctl.errors import UserError, err_console
+
+bench_app = typer.Typer(help="Benchmarks: what the proxy costs.", no_args_is_help=True)
+
+
+class Generator(str, Enum):
+    auto = "auto"
+    wrk = "wrk"
+    python = "python"
+
+
+@bench_app.command()
+def proxy(
+    seconds: Annotated[
+        int, typer.Option(help="Measured seconds of each cell (setup x workload).", min=1)
+    ] = 10,
+    warmup: Annotated[
+        int, typer.Option(help="Unmeasured seconds of load before each cell.", min=0)
+    ] = 2,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Also write every figure to this JSON file.")
+    ] = None,
+    load_generator: Annotated[
+        Generator,
+        typer.Option(help="wrk (Debian's: scripts/bench-deps.sh installs it), python (slower, "
+                     "labelled as such), or auto: wrk when installed."),
+    ] = Generator.auto,
+    probe_interval: Annotated[
+        int, typer.Option(help="Tokens between probes when probing is on (dynasor's default is "
+                          "64, which a 64-chunk stream reaches only at its end).", min=1)
+    ] = 32,
+    keep_awake: Annotated[
+        bool, typer.Option("--keep-awake/--no-keep-awake",
+                           help="Keep both cores busy at idle priority while measuring latency, so "
+                           "a sleeping virtual core's wake-up time is not counted.")
+    ] = True,
+    burst: Annotated[
+        bool, typer.Option("--burst/--step",
+                           help="Fake upstream sends each stream in one burst of writes, instead "
+                           "of yielding between chunks as an engine does.")
+    ] = False,
+    setup: Annotated[
+        list[str] | None,
+        typer.Option(help="Run only this setup (repeatable): direct, floor, dynasor, "
+                     "dynasor-probing.", show_default="all"),
+    ] = None,
+) -> None:
+    """Direct vs. a minimal pass-through vs. dynasor observe (probing off, on), on loopback."""
+    from dynasorctl.bench import load, proxy_bench, report
+
+    chosen = setup or list(proxy_bench.SETUP_KEYS)
+    unknown = sorted(set(chosen) - set(proxy_bench.SETUP_KEYS))
+    if unknown:
+        raise UserError(f"unknown setup {', '.join(unknown)}; "
+                        f"choose from {', '.join(proxy_bench.SETUP_KEYS)}")
+    if load_generator is Generator.wrk and load.wrk_path() is None:
+        raise UserError("wrk is not installed: run scripts/bench-deps.sh, or pass "
+                        "--load-generator python")
+    generator = "python" if load_generator is Generator.python or (
+        load_generator is Generator.auto and load.wrk_path() is None) else "wrk"
+    if generator == "python":
+        err_console.print("[yellow]wrk not used: the Python load generator saturates its own core "
+                          "first, so capacity and streaming figures understate every setup[/]")
+    try:
+        result = proxy_bench.run(seconds, warmup, generator, chosen, probe_interval, keep_awake,
+                                 burst, say=lambda line: err_console.print(line, style="dim"))
+    except proxy_bench.BenchError as exc:
+        raise UserError(str(exc)) from exc
+    Console().print(report.render(result))
+    if json_file is not None:
+        json_file.write_text(json.dumps(report.to_json(result), indent=2) + "\n")
+        err_console.print(f"figures written to {json_file}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bench_app, name="bench")
