@@ -1,16 +1,28 @@
 """Observed runs: the one shape calibration reads, whatever the source.
 
-Trace files produce them here; the observation store is to produce the same shape
-from its rows, so every later stage is blind to where data came from: a request's
-`completion_text`, `completion_tokens`, `final_answer` and `model`, its probes with
-status "ok" (position, answer, hesitant, output_tokens), a problem key for `group`
-(the prompt hash) and, once labels are imported, `gold`.
+Trace files and the observation store both produce it here, so every later stage
+is blind to where data came from. From the store (`store_source.py` runs the
+queries; the mapping is `run_from_request` and `program_from_samples`):
+
+- a run is a chain-of-thought request that was probed, ended with status 200 and a
+  finish reason, generated tokens and belongs to no program: its `id`, `prompt_hash`
+  as the `group` (the problem: all requests with one prompt stay on one side of the
+  tune/holdout split), `model`, `final_answer`, `completion_tokens` as `main_tokens`,
+  `completion_text` as `text` (stored only with --store-text; unless every run has
+  it, no run keeps it, see `without_text`), and its probes with status "ok" ordered
+  by position (position, answer, hesitant, output_tokens); "error" and "cancelled"
+  probes gave no answer and are left out;
+- a program is the `program_samples` rows of one `program_id` ordered by
+  `sample_index`, each sample a run (answer, completion_tokens, the ok probes of
+  its request and choice) grouped by the prompt hash of the program's first request;
+- `gold` is the newest label naming the request id, else the newest naming its
+  prompt hash; `final_correct` is unknown (None), so the final answer is graded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dynasorctl.errors import UserError
@@ -79,6 +91,64 @@ def program_from_trace(p: ScProgram) -> ObservedProgram:
     )
     return ObservedProgram(p.program_id, problem_key(p.dataset, p.problem_id), p.model,
                            samples, p.gold)
+
+
+def gold_for(request_id: str, prompt_hash: str | None, by_request: Mapping[str, str],
+             by_prompt: Mapping[str, str]) -> str | None:
+    """A request's gold answer: its own label wins over its prompt's."""
+    if request_id in by_request:
+        return by_request[request_id]
+    return by_prompt.get(prompt_hash) if prompt_hash is not None else None
+
+
+def run_from_request(request_id: str, prompt_hash: str | None, model: str | None,
+                     final_answer: str | None, completion_tokens: int,
+                     completion_text: str | None, probes: Sequence[ProbeObservation],
+                     gold: str | None) -> ObservedRun:
+    """One stored chain-of-thought request as an observed run (probes: its ok ones)."""
+    return ObservedRun(
+        run_id=request_id,
+        group=prompt_hash or request_id,  # an unhashed prompt is a problem of its own
+        model=model or "",
+        probes=tuple(sorted(probes, key=lambda p: p.position)),
+        final_answer=final_answer,
+        main_tokens=completion_tokens,
+        gold=gold,
+        text=completion_text,
+    )
+
+
+def program_from_samples(program_id: str, prompt_hash: str | None, model: str | None,
+                         samples: Sequence[tuple[int, str | None, int,
+                                                 Sequence[ProbeObservation]]],
+                         gold: str | None) -> ObservedProgram:
+    """One stored program; `samples` are (sample_index, answer, completion_tokens, probes)."""
+    group = prompt_hash or program_id
+    runs = tuple(
+        ObservedRun(
+            run_id=f"{program_id}#{index}",
+            group=group,
+            model=model or "",
+            probes=tuple(sorted(probes, key=lambda p: p.position)),
+            final_answer=answer,
+            main_tokens=tokens,
+            gold=gold,
+        )
+        for index, answer, tokens, probes in sorted(samples, key=lambda s: s[0])
+    )
+    return ObservedProgram(program_id, group, model or "", runs, gold)
+
+
+def without_text(runs: Sequence[ObservedRun]) -> list[ObservedRun]:
+    """The runs with no text signals at all.
+
+    Text signals read as zero where the text is unknown, but the proxy, which has the
+    text it relays, computes them for real. A learned rule fit on a mixture of real
+    and zero signals would meet other inputs live. With every run's text dropped the
+    signals are zero throughout, their columns are constant, the fit gives them weight
+    exactly 0, and the rule decides on probe features alone, live as in replay.
+    """
+    return [replace(r, text=None) for r in runs]
 
 
 def load_observations(

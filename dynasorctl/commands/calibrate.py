@@ -7,7 +7,9 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from sqlalchemy import Engine
 
 from dynasorctl.calibration.bounds import clopper_pearson_upper
 from dynasorctl.calibration.evaluate import (
@@ -27,7 +30,11 @@ from dynasorctl.calibration.evaluate import (
 from dynasorctl.calibration.grading import Grader, load_cache, save_cache
 from dynasorctl.calibration.metrics import Grades
 from dynasorctl.calibration.observed import ObservedProgram, ObservedRun, load_observations
-from dynasorctl.calibration.policyfile import read_policy_file, write_policy_file
+from dynasorctl.calibration.policyfile import (
+    dump_policy_file,
+    read_policy_file,
+    write_policy_file,
+)
 from dynasorctl.calibration.replay import Replayer
 from dynasorctl.calibration.report import print_report, pts, save_png
 from dynasorctl.calibration.sc import calibrate_sc
@@ -38,8 +45,10 @@ from dynasorctl.calibration.search import (
     calibrate_cot,
     split_by_group,
 )
+from dynasorctl.calibration.store_source import load_programs, load_runs, save_policy
 from dynasorctl.calibration.table import build_table
 from dynasorctl.errors import UserError
+from dynasorctl.options import store
 from proxy.policy import CotPolicy, PolicyFile
 
 # Reports are wide tables: outside a terminal (pipes, CI) do not squeeze them to 80 columns.
@@ -72,19 +81,85 @@ def _share(points: float | None, option: str) -> float | None:
     return points / 100
 
 
-def _observations(traces: list[Path] | None, db: str | None,
-                  model: str) -> list[ObservedRun] | list[ObservedProgram]:
-    if db is not None or not traces:
-        # The seam for the observation store: it will yield the same ObservedRun /
-        # ObservedProgram records as the trace files do.
-        raise UserError("calibrating from the observation store (--db) is not available yet; "
-                        "pass recorded traces with --traces FILE")
+class Kind(str, Enum):
+    cot = "cot"
+    sc = "sc"
+
+
+KIND_NAMES = {"cot": "chain-of-thought", "sc": "self-consistency"}
+
+
+@dataclass(slots=True)
+class _Source:
+    """What calibration runs on, and where it came from."""
+
+    data: list[ObservedRun] | list[ObservedProgram]
+    description: str  # the policy's provenance "source"
+    records: str  # what its records are, for messages: "traces", "probed requests", ...
+    engine: Engine | None = None  # the store, when calibrating from it
+    notes: list[str] = field(default_factory=list)
+
+
+def _observations(traces: list[Path] | None, db: str | None, model: str,
+                  kind: Kind | None) -> _Source:
+    if traces and db is not None:
+        raise UserError("give recorded traces (--traces) or a store (--db), not both")
+    if not traces:
+        return _from_store(db, model, kind or Kind.cot)
     data = load_observations(traces)
+    found = "sc" if isinstance(data[0], ObservedProgram) else "cot"
+    if kind is not None and kind.value != found:
+        raise UserError(f"--kind {kind.value}, but the trace files hold "
+                        f"{KIND_NAMES[found]} records")
     if model != "*":
         data = [d for d in data if d.model == model]  # type: ignore[assignment]
         if not data:
             raise UserError(f"no records of model {model!r} in the trace files")
-    return data
+    return _Source(data, ", ".join(p.name for p in traces), "traces")
+
+
+def _from_store(db: str | None, model: str, kind: Kind) -> _Source:
+    """The store's runs (or programs) of `model`: default store unless --db says otherwise."""
+    engine = store(db)
+    url = engine.url.render_as_string()
+    scope = None if model == "*" else model
+    of_model = "" if scope is None else f" of model {model!r}"
+    if kind is Kind.sc:
+        programs = load_programs(engine, scope)
+        return _Source(programs, f"store {url}: {len(programs)} programs",
+                       f"self-consistency programs{of_model}", engine)
+    found = load_runs(engine, scope)
+    src = _Source(found.runs, f"store {url}: {len(found.runs)} probed requests, "
+                  f"{found.labelled} labelled", f"probed requests{of_model}", engine)
+    if found.text_dropped:
+        src.notes.append(
+            f"{len(found.runs) - found.with_text} of {len(found.runs)} requests were stored "
+            "without their text (observe with --store-text to keep it): text signals are left "
+            "out of every run, so learned rules decide on probe features alone")
+    return src
+
+
+def _needed(target: Target, alpha: float) -> int:
+    """Fewest records whose held-out half could meet the target with nothing damaged at all."""
+    limit = min(v for v in (target.max_accuracy_drop, target.max_answer_change) if v is not None)
+    held = 1
+    while clopper_pearson_upper(0, held, alpha) > limit:
+        held += 1
+    return 2 * held
+
+
+def _check_enough(src: _Source, target: Target, alpha: float) -> None:
+    """A store too small for the target fails with how much more it needs."""
+    assert src.engine is not None
+    have, need = len(src.data), _needed(target, alpha)
+    if have < need:
+        limit = min(v for v in (target.max_accuracy_drop, target.max_answer_change)
+                    if v is not None)
+        raise UserError(
+            f"the store has {have} {src.records}; calibration needs at least {need} for a "
+            f"{pts(limit)}-point target (half are held out to certify it): record more "
+            f"traffic into {src.engine.url.render_as_string()}, point --db at another store, "
+            "raise the target, or calibrate on recorded traces with --traces FILE")
 
 
 def _target(data: list, max_accuracy_drop: float | None,
@@ -114,13 +189,13 @@ def _check_reachable(data: list, target: Target, seed: int, alpha: float) -> Non
                 "raise the target or add data")
 
 
-def _provenance(cal: Calibration, target: Target, traces: list[Path],
+def _provenance(cal: Calibration, target: Target, source: str,
                 seed: int) -> dict[str, str | int | float | bool]:
     assert cal.recommended is not None
     h = cal.recommended.holdout
     out: dict[str, str | int | float | bool] = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source": ", ".join(p.name for p in traces),
+        "source": source,
         "candidate": cal.recommended.candidate.name,
         "seed": seed,
         "holdout_records": cal.holdout_runs,
@@ -143,7 +218,12 @@ def calibrate(
     traces: Annotated[list[Path] | None, typer.Option(
         "--traces", help="recorded trace file to calibrate on (repeatable)")] = None,
     db: Annotated[str | None, typer.Option(
-        "--db", help="observation store URL (not available yet: use --traces)")] = None,
+        "--db", help="calibrate on the observation store at this SQLAlchemy URL (the default "
+        "without --traces: $DYNASOR_DB_URL, else ~/.local/share/dynasor/dynasor.db); the "
+        "recommended policy is also stored there, inactive", show_default=False)] = None,
+    kind: Annotated[Kind | None, typer.Option(
+        help="from the store: chain-of-thought requests (cot, the default) or "
+        "self-consistency programs (sc)", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(
         help="write the recommended policy file (TOML) here")] = None,
     plot: Annotated[Path | None, typer.Option(help="also save the frontier plot as a PNG")] = None,
@@ -158,15 +238,26 @@ def calibrate(
         help="processes for the slow math-aware answer checks")] = min(2, os.cpu_count() or 1),
     cache_dir: Annotated[Path | None, typer.Option(
         help="where answer checks are cached between runs (default ~/.cache/dynasor)")] = None,
+    note: Annotated[str | None, typer.Option(
+        help="a note kept with the policy stored in the store")] = None,
 ) -> None:
     """Find the policy that saves the most compute with the damage bounded (95%), held out."""
     started = time.perf_counter()
     alpha = 0.05
-    data = _observations(traces, db, model)
+    src = _observations(traces, db, model, kind)
+    data = src.data
     target = _target(data, max_accuracy_drop, max_answer_change)
+    if src.engine is not None:
+        _check_enough(src, target, alpha)
     _check_reachable(data, target, seed, alpha)
+    if not any(d.gold is not None for d in data):
+        src.notes.append("no record has a gold answer: quality is measured as answers changed "
+                         "against the unstopped run (import labels with `dynasorctl labels "
+                         "import`)")
+    for line in src.notes:
+        console.print(f"[yellow]note:[/] {line}")
     cache = (cache_dir or default_cache_dir()) / "answer-checks.json"
-    kind = "sc" if isinstance(data[0], ObservedProgram) else "cot"
+    found = "sc" if isinstance(data[0], ObservedProgram) else "cot"
     with Grader(workers=max(1, workers), known=load_cache(cache)) as grader, _progress() as bar:
         tasks: dict[str, int] = {}
 
@@ -175,10 +266,10 @@ def calibrate(
                 tasks[what] = bar.add_task(what, total=total)
             bar.update(tasks[what], completed=done, total=total)
 
-        if kind == "cot":
+        if found == "cot":
             recorded = probe_interval(data)  # type: ignore[arg-type]
             if recorded == 0:
-                raise UserError("the traces hold no probes: nothing to calibrate on")
+                raise UserError(f"the {src.records} hold no probes: nothing to calibrate on")
             for _, schedule in SCHEDULES:
                 check_schedule(CotPolicy(**schedule), recorded)
             progress("reading probes and text signals", 0, 1)
@@ -189,7 +280,7 @@ def calibrate(
         else:
             cal = calibrate_sc(data, grader, target, seed, alpha, progress)  # type: ignore[arg-type]
     _keep(cache, grader)
-    print_report(console, cal, target, kind, time.perf_counter() - started)
+    print_report(console, cal, target, found, time.perf_counter() - started)
     if plot is not None:
         save_png(cal, target, plot)
         console.print(f"plot written to {plot}")
@@ -198,11 +289,16 @@ def calibrate(
     rec = cal.recommended
     console.print(f"[bold green]recommended:[/] {rec.candidate.name}: "
                   f"{pts(rec.holdout.net_saved)}% net saved held out; " + _damage_text(rec, target))
+    policy = PolicyFile(kind=found, model=model, **{found: rec.candidate.policy},
+                        provenance=_provenance(cal, target, src.description, seed))
     if out is not None:
-        policy = PolicyFile(kind=kind, model=model, **{kind: rec.candidate.policy},
-                            provenance=_provenance(cal, target, traces or [], seed))
         write_policy_file(out, policy)
         console.print(f"policy written to {out}")
+    if src.engine is not None:
+        version = save_policy(src.engine, found, model, dump_policy_file(policy),
+                              src.description, note)
+        console.print(f"policy stored: {found} policy for model {model!r}, version {version} "
+                      "(inactive)")
 
 
 def _damage_text(e, target: Target) -> str:
@@ -264,9 +360,8 @@ def evaluate(
     data = load_observations([traces])
     kind = "sc" if isinstance(data[0], ObservedProgram) else "cot"
     if pf.kind != kind:
-        names = {"cot": "chain-of-thought", "sc": "self-consistency"}
-        raise UserError(f"{policy} is a {names[pf.kind]} policy but {traces} holds "
-                        f"{names[kind]} records")
+        raise UserError(f"{policy} is a {KIND_NAMES[pf.kind]} policy but {traces} holds "
+                        f"{KIND_NAMES[kind]} records")
     cache = (cache_dir or default_cache_dir()) / "answer-checks.json"
     with Grader(workers=max(1, workers), known=load_cache(cache)) as grader, _progress() as bar:
         task = bar.add_task("applying the policy", total=len(data))

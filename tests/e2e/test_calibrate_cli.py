@@ -181,11 +181,6 @@ def test_traces_without_probes(tmp_path: Path) -> None:
     assert "hold no probes" in message
 
 
-def test_store_is_not_available_yet(tmp_path: Path) -> None:
-    assert "--traces" in user_error(["calibrate"], tmp_path)
-    assert "--db" in user_error(["calibrate", "--db", "sqlite:///x.db"], tmp_path)
-
-
 def test_impossible_target(tmp_path: Path) -> None:
     message = user_error(["calibrate", "--traces", str(PACKAGED_SAMPLE)], tmp_path)
     assert "cannot be certified on 16 held-out records" in message
