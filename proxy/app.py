@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from proxy.enforce import OPT_HEADER, Mode, StopInfo, answer_text, choose, tail_chunks
 from proxy.equivalence import AsyncEquivalence
 from proxy.metrics import Metrics
 from proxy.observe import ResponseObserver
 from proxy.probe import ProbeSession, Prober
+from proxy.policy import CotPolicy, PolicyFile, load_policy_file, select_policy
 from proxy.programs import PROGRAM_HEADER, Programs
 from proxy.record import build_record
 from proxy.recorder import Record, Recorder, write_records
@@ -54,6 +56,9 @@ class Exchange:
     error: str | None = None
     ttft_s: float | None = None
     finished: float = 0.0
+    mode: Mode = "observe"
+    policy_name: str | None = None
+    enforced: StopInfo | None = None  # set when the proxy ended the stream itself
 
 
 class ProxyApp:
@@ -77,6 +82,10 @@ class ProxyApp:
         self.equivalence = AsyncEquivalence()
         self.programs = Programs(self.equivalence, self.metrics)
         self._finalizing: set[asyncio.Task[None]] = set()
+        # Read now, so a bad policy file stops start-up with its own message.
+        self.policies: list[PolicyFile] = (
+            [load_policy_file(settings.policy_file)] if settings.policy_file else []
+        )
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -145,7 +154,9 @@ class ProxyApp:
         ok = store_ok and self.metrics.records_dropped == 0
         return {
             "status": "ok" if ok else "degraded",
-            "mode": "observe",
+            "mode": self.settings.mode,
+            "enforce_percent": self.settings.enforce_percent if self.settings.mode == "enforce" else None,
+            "policy": self.settings.policy_file,
             "upstream": self.upstream.base_url,
             "store": {
                 "ok": store_ok,
@@ -170,11 +181,22 @@ class ProxyApp:
             stream = bool(body.get("stream"))
             n = body.get("n") if isinstance(body.get("n"), int) else 1
             ex.program_id = _header(headers, PROGRAM_HEADER) or (ex.request_id if n > 1 else None)
-            if stream and n == 1 and self._should_probe(kind, body):
-                ex.probes = self.prober.session(kind, body, _probe_headers(headers))
-            ex.observer = ResponseObserver(
-                kind, stream, ex.probes.on_tokens if ex.probes else None, self.settings.probe_interval
-            )
+            ex.mode = choose(self.settings.mode, self.settings.enforce_percent,
+                             ex.program_id or ex.request_id, _header(headers, OPT_HEADER),
+                             self.settings.allow_opt_in)
+            if ex.mode == "off":  # the client opted out: a plain relay, not recorded
+                await self._relay(scope, receive, send, raw, ex)
+                self._count(scope["path"], ex)
+                return
+            policy = self._policy(body)
+            if policy is None:
+                ex.mode = "observe"
+            if stream and n == 1 and self._should_probe(kind, body, ex.mode):
+                ex.probes = self.prober.session(kind, body, _probe_headers(headers), policy,
+                                                enforcing=ex.mode == "enforce")
+            interval = ex.probes.interval(self.settings.probe_interval) if ex.probes else 0
+            ex.observer = ResponseObserver(kind, stream, ex.probes.on_tokens if ex.probes else None,
+                                           interval or self.settings.probe_interval)
         await self._relay(scope, receive, send, raw, ex)
         if ex.probes is not None:
             await ex.probes.close()
@@ -184,15 +206,20 @@ class ProxyApp:
             self._finalizing.add(task)
             task.add_done_callback(self._finalizing.discard)
 
+    def _policy(self, body: dict[str, Any]) -> CotPolicy | None:
+        chosen = select_policy(self.policies, body.get("model"))
+        return chosen.cot if chosen is not None else None
+
     async def _passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = await _read_body(receive)
         ex = Exchange("", "", None, time.perf_counter(), None, None, None)
         await self._relay(scope, receive, send, raw, ex)
         self._count(scope["path"], ex)
 
-    def _should_probe(self, kind: str, body: dict[str, Any]) -> bool:
+    def _should_probe(self, kind: str, body: dict[str, Any], mode: Mode) -> bool:
         rate = self.settings.probe_rate
-        if rate <= 0 or (rate < 1 and random.random() >= rate):
+        # The policy needs its probes in shadow and enforce; the rate samples observe.
+        if mode == "observe" and (rate <= 0 or (rate < 1 and random.random() >= rate)):
             return False
         if kind == "chat":
             return isinstance(body.get("messages"), list) and bool(body["messages"])
@@ -232,8 +259,11 @@ class ProxyApp:
         watcher = asyncio.create_task(watch())
         observer = ex.observer
         is_sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in resp.headers)
+        enforcing = ex.probes if ex.probes is not None and ex.probes.enforcing and is_sse else None
         try:
             headers = forwardable(resp.headers)
+            if enforcing is not None:
+                headers.append((b"x-dynasor-mode", b"enforce"))
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
             async for chunk in resp.chunks():
                 if ex.ttft_s is None:
@@ -241,6 +271,9 @@ class ProxyApp:
                 if observer is not None:
                     observer.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if enforcing is not None and enforcing.stop is not None and resp.status == 200:
+                    ex.enforced = enforcing.stop
+                    break  # closing the response below aborts the upstream request
         except UpstreamError as exc:
             self.metrics.upstream_errors[exc.kind] += 1
             ex.error = str(exc)
@@ -258,8 +291,42 @@ class ProxyApp:
         finally:
             watcher.cancel()
             await resp.aclose()
+        if ex.enforced is not None and not gone:
+            await send({"type": "http.response.body", "body": await self._tail(ex), "more_body": True})
         if not gone:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _tail(self, ex: Exchange) -> bytes:
+        """The end of a stream the policy stopped: the answer, finish_reason stop, [DONE]."""
+        assert ex.observer is not None and ex.enforced is not None and ex.body is not None
+        self.metrics.enforced_stops += 1
+        choice = ex.observer.live_choice(0)
+        tokens = choice.tokens if choice else 0
+        text = answer_text(ex.enforced.answer, self.settings.answer_template,
+                           choice.content_text if choice else "")
+        options = ex.body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        prompt_tokens = await self._prompt_tokens(ex) if include_usage else None
+        return tail_chunks(ex.kind, ex.observer.envelope, text, ex.enforced, tokens, prompt_tokens,
+                           include_usage)
+
+    async def _prompt_tokens(self, ex: Exchange) -> int | None:
+        """The prompt's token count, from a one-token request (the prefix cache makes it cheap)."""
+        assert ex.body is not None
+        body = {k: v for k, v in ex.body.items() if k not in ("stream", "stream_options", "n")}
+        body.update({"max_tokens": 1, "stream": False})
+        body.pop("max_completion_tokens", None)
+        path = "/v1/chat/completions" if ex.kind == "chat" else "/v1/completions"
+        try:
+            resp = await self.upstream.send("POST", path, JSON_HEADERS, json.dumps(body).encode())
+            try:
+                data = json.loads(b"".join([c async for c in resp.chunks()]))
+            finally:
+                await resp.aclose()
+            return int(data["usage"]["prompt_tokens"])
+        except (UpstreamError, ValueError, KeyError, TypeError) as exc:
+            log.warning("could not count the prompt's tokens for usage: %s", exc)
+            return None
 
     async def _finalize(self, ex: Exchange) -> None:
         """Turn what was observed into a record (off the request path) and queue it."""

@@ -51,6 +51,8 @@ class Metrics:
     records_dropped: int = 0
     write_errors: int = 0
     active_streams: int = 0
+    enforced_stops: int = 0
+    shadow_stops: int = 0
     certaindex: dict[str, Histogram] = field(default_factory=dict)
     duration: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
 
@@ -76,6 +78,10 @@ class Metrics:
                [f"dynasor_probe_tokens_total {self.probe_tokens}"])
         family("dynasor_main_tokens_total", "counter", "Completion tokens of relayed requests.",
                [f"dynasor_main_tokens_total {self.main_tokens}"])
+        family("dynasor_policy_stops_total", "counter",
+               "Requests the policy stopped: for real (enforce) or on paper (shadow).",
+               [f'dynasor_policy_stops_total{{mode="enforce"}} {self.enforced_stops}',
+                f'dynasor_policy_stops_total{{mode="shadow"}} {self.shadow_stops}'])
         family("dynasor_active_streams", "gauge", "Requests being relayed now.",
                [f"dynasor_active_streams {self.active_streams}"])
         family("dynasor_records_written_total", "counter", "Request records written to the store.",

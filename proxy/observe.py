@@ -60,6 +60,7 @@ class ResponseObserver:
         self._raw: list[bytes] = []
         self._sse = SseReader() if stream and on_tokens is not None else None
         self._out = Outcome(choices={}, finish_order=[])
+        self.envelope: dict[str, Any] = {}  # id, object, created, model of the stream
 
     def feed(self, chunk: bytes) -> None:
         if self._sse is None:
@@ -67,6 +68,10 @@ class ResponseObserver:
             return
         for data in self._sse.feed(chunk):
             self._event(data)
+
+    def live_choice(self, index: int = 0) -> ChoiceText | None:
+        """A choice as parsed so far (only while probing: otherwise nothing is parsed yet)."""
+        return self._out.choices.get(index)
 
     def finish(self) -> Outcome:
         """Everything observed; parses buffered bytes (call it off the hot path)."""
@@ -125,6 +130,8 @@ class ResponseObserver:
             self._out.error = message
             return
         self._usage(body)
+        if not self.envelope and "id" in body:  # the same on every chunk of a stream
+            self.envelope = {k: body[k] for k in ("id", "object", "created", "model") if k in body}
         for part in body.get("choices") or ():
             choice = self._choice(int(part.get("index", 0)))
             if self._kind == "chat":

@@ -12,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from proxy.certaindex import close_brace, is_hesitant, probe_answer, probe_certaindex
 from proxy.dialect import assistant_prefix, chat_probe_body, completion_probe_body, reasoning_of
+from proxy.enforce import StopInfo
 from proxy.metrics import Metrics
 from proxy.observe import ChoiceText
+from proxy.policy import CotPolicy, ProbeObservation, TextSignals, decide_cot, probe_due, text_signals
 from proxy.settings import Settings
 from proxy.sse import SseReader
 from proxy.upstream import Headers, Upstream, UpstreamError
@@ -36,6 +39,7 @@ class ProbeResult:
     latency_ms: float | None
     status: str  # ok | error | cancelled
     certaindex: float | None = None
+    signals: TextSignals | None = None
 
 
 class Prober:
@@ -52,8 +56,9 @@ class Prober:
             "top_p": settings.probe_top_p,
         }
 
-    def session(self, kind: str, request: dict[str, Any], headers: Headers) -> ProbeSession:
-        return ProbeSession(self, kind, request, headers)
+    def session(self, kind: str, request: dict[str, Any], headers: Headers,
+                policy: CotPolicy | None = None, enforcing: bool = False) -> ProbeSession:
+        return ProbeSession(self, kind, request, headers, policy, enforcing)
 
     async def probe(self, kind: str, request: dict[str, Any], headers: Headers, prefix: str,
                     position: int) -> ProbeResult:
@@ -97,24 +102,50 @@ class Prober:
 
 
 class ProbeSession:
-    """The probes of one request's main choice."""
+    """The probes of one request's main choice, and the policy's decision on them.
 
-    def __init__(self, prober: Prober, kind: str, request: dict[str, Any], headers: Headers) -> None:
+    With a policy, every finished probe is put to `decide_cot`; the first stop
+    is kept in `stop` (shadow: only recorded; enforcing: the relay ends the
+    stream). An enforcing session probes only where the policy wants a probe.
+    """
+
+    def __init__(self, prober: Prober, kind: str, request: dict[str, Any], headers: Headers,
+                 policy: CotPolicy | None = None, enforcing: bool = False) -> None:
         self._prober = prober
         self._kind = kind
         self._request = request
         self._headers = headers
         self._task: asyncio.Task[None] | None = None
         self._pending_position = 0
+        self.policy = policy
+        self.enforcing = enforcing and policy is not None
         self.results: list[ProbeResult] = []
+        self.stop: StopInfo | None = None
+
+    def interval(self, probe_interval: int) -> int:
+        """How often the observer must call back so no probe point of the policy is missed."""
+        if not self.enforcing:
+            return probe_interval
+        assert self.policy is not None
+        step = self.policy.interval
+        if self.policy.early_interval is not None:
+            step = math.gcd(step, self.policy.early_interval)
+        return step
+
+    def _wanted(self, position: int) -> bool:
+        if not self.enforcing:
+            return len(self.results) < self._prober._settings.probe_max_per_request
+        assert self.policy is not None
+        taken = sum(1 for r in self.results if r.status == "ok")
+        limit = self.policy.max_probes
+        return probe_due(self.policy, position) and (limit is None or taken < limit)
 
     def on_tokens(self, choice: ChoiceText) -> None:
         """Observer callback: the main choice reached another probe point."""
-        metrics = self._prober._metrics
-        if self._task is not None and not self._task.done():
-            metrics.probes["skipped"] += 1  # the last probe is still running: never pile up
+        if self.stop is not None or not self._wanted(choice.tokens):
             return
-        if len(self.results) >= self._prober._settings.probe_max_per_request:
+        if self._task is not None and not self._task.done():
+            self._prober._metrics.probes["skipped"] += 1  # the last probe is still running
             return
         if self._kind == "chat":
             prefix = assistant_prefix(choice.reasoning_text, choice.content_text)
@@ -138,7 +169,18 @@ class ProbeSession:
         ok = [r for r in self.results if r.status == "ok"] + [result]
         result.certaindex = probe_certaindex([r.answer for r in ok], [r.hesitant for r in ok])
         metrics.observe_certaindex("cot", result.certaindex)
+        if self.policy is not None and self.policy.rule is not None:
+            result.signals = text_signals(prefix, result.answer)
         self.results.append(result)
+        self._decide(ok)
+
+    def _decide(self, ok: list[ProbeResult]) -> None:
+        if self.policy is None or self.stop is not None:
+            return
+        observed = [ProbeObservation(r.position, r.answer, r.hesitant, r.output_tokens, r.signals) for r in ok]
+        decision = decide_cot(self.policy, observed)
+        if decision.stop:
+            self.stop = StopInfo(ok[-1].position, decision.answer, decision.reason)
 
     async def close(self) -> None:
         """Cancel the probe in flight, if any (the main request has ended)."""

@@ -49,6 +49,9 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
     if tokens:
         app.metrics.main_tokens += tokens
     probes = ex.probes.results if ex.probes else []
+    stop = ex.probes.stop if ex.probes else None
+    if stop is not None and ex.enforced is None:
+        app.metrics.shadow_stops += 1
     prompt = prompt_text(ex.kind, body)
     store_text = app.settings.store_text
     request: dict[str, Any] = {
@@ -57,7 +60,11 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
         "model": (outcome.model if outcome and outcome.model else None) or body.get("model"),
         "kind": ex.kind,
         "upstream": app.upstream.base_url,
-        "mode": "observe",
+        "mode": ex.mode,
+        "policy": app.settings.policy_file if ex.mode in ("shadow", "enforce") else None,
+        "decision_token": stop.position if stop else None,
+        "decision_answer": stop.answer if stop else None,
+        "enforced": ex.enforced is not None,
         "stream": bool(body.get("stream")),
         "n": body.get("n") if isinstance(body.get("n"), int) else 1,
         "status_code": ex.status,

@@ -6,7 +6,9 @@ Every setting is documented once, here; the README's table is generated from it
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from proxy.certaindex import DEFAULT_PROBE_SUFFIX
@@ -34,6 +36,25 @@ class Settings(BaseSettings):
     probe_concurrency: int = Field(8, ge=1, description="probes in flight at once, all requests")
     probe_max_per_request: int = Field(256, ge=1, description="most probes for one request")
     record_queue_size: int = Field(10_000, ge=1, description="records buffered for the store")
+    mode: Literal["observe", "shadow", "enforce"] = Field(
+        "observe", description="observe: measure only; shadow: also decide, change nothing; "
+        "enforce: stop streams the policy stops (for `enforce_percent` of programs)"
+    )
+    policy_file: str | None = Field(None, description="policy file (TOML) for shadow and enforce")
+    enforce_percent: float = Field(
+        100.0, ge=0.0, le=100.0, description="share of programs enforced; the rest are shadowed"
+    )
+    allow_opt_in: bool = Field(False, description="honour `X-Dynasor: enforce` from clients")
+    answer_template: str = Field(
+        "**Final Answer**\n\\boxed{{{answer}}}",
+        description="what an enforced stop writes after the last token ({answer}: the answer)",
+    )
+
+    @model_validator(mode="after")
+    def _policy_for_mode(self) -> Settings:
+        if self.mode != "observe" and self.policy_file is None:
+            raise ValueError(f"mode {self.mode} needs a policy_file")
+        return self
 
     @field_validator("upstream_url")
     @classmethod

@@ -69,20 +69,38 @@ def observe(
     config: Annotated[
         Path | None, typer.Option(help="TOML file of settings (keys as in the README's table).")
     ] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="observe | shadow | enforce [default: observe].")
+    ] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="Policy file (from `dynasorctl calibrate --out`) for shadow and enforce.")
+    ] = None,
+    enforce_percent: Annotated[
+        float | None, typer.Option(help="Share of programs enforced in enforce mode, 0-100 [default: 100].")
+    ] = None,
 ) -> None:
-    """Run the proxy: relay every request untouched, probe and record out of band."""
+    """Run the proxy: relay every request, probe and record out of band; shadow or enforce a policy."""
     settings = load_settings(config, upstream_url=upstream, host=host, port=port, db_url=db,
-                             probe_rate=probe_rate, store_text=store_text)
+                             probe_rate=probe_rate, store_text=store_text, mode=mode,
+                             policy_file=str(policy) if policy else None, enforce_percent=enforce_percent)
     store(settings.db_url)  # fail now, with a clear message, not inside the server
     check_port_free(settings.host, settings.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from proxy.app import create_app
+    from proxy.policy import PolicyFileError
 
+    try:
+        app = create_app(settings)
+    except PolicyFileError as exc:
+        raise UserError(str(exc)) from exc
+    what = {"observe": "observing", "shadow": "shadowing", "enforce": "enforcing"}[settings.mode]
     err_console.print(
-        f"dynasor observing {settings.upstream_url} on http://{settings.host}:{settings.port} "
-        f"(probe rate {settings.probe_rate:g}, every {settings.probe_interval} tokens)"
+        f"dynasor {what} {settings.upstream_url} on http://{settings.host}:{settings.port} "
+        f"(probe rate {settings.probe_rate:g}, every {settings.probe_interval} tokens"
+        + (f"; policy {settings.policy_file}" if settings.policy_file else "")
+        + (f", {settings.enforce_percent:g}% enforced" if settings.mode == "enforce" else "") + ")"
     )
-    serve(create_app(settings), settings.host, settings.port)
+    serve(app, settings.host, settings.port)
 
 
 def register(app: typer.Typer) -> None:

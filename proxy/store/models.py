@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from sqlalchemy import false as sa_false
 from sqlalchemy import (
     Boolean,
     CheckConstraint,
@@ -65,6 +66,11 @@ class RequestRow(Base):
     completion_hash: Mapped[str | None] = mapped_column(String(64))
     prompt_text: Mapped[str | None] = mapped_column(Text)
     completion_text: Mapped[str | None] = mapped_column(Text)
+    # shadow and enforce: the policy file, and where it stopped (or would have)
+    policy: Mapped[str | None] = mapped_column(String(300))
+    decision_token: Mapped[int | None] = mapped_column(Integer)
+    decision_answer: Mapped[str | None] = mapped_column(Text)
+    enforced: Mapped[bool] = mapped_column(Boolean, server_default=sa_false())
 
 
 class ProbeRow(Base):

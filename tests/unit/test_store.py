@@ -71,3 +71,17 @@ def test_default_url_follows_env(monkeypatch, tmp_path):
     assert db.default_url() == f"sqlite:///{tmp_path}/dynasor/dynasor.db"
     monkeypatch.setenv("DYNASOR_DB_URL", "sqlite:///x.db")
     assert db.default_url() == "sqlite:///x.db"
+
+
+def test_0003_decision_columns_down_and_up_with_data(tmp_path):
+    engine = db.open_store(f"sqlite:///{tmp_path}/s.db")
+    rec = _record("a")
+    rec.request.update(mode="enforce", policy="p.toml", decision_token=640, decision_answer="5", enforced=True)
+    write_records(engine, [rec])
+    db.downgrade(engine, "0002")
+    db.upgrade(engine)
+    write_records(engine, [_record("b")])
+    with Session(engine) as s:
+        rows = {r.id: r for r in s.scalars(select(RequestRow))}
+    assert rows["a"].enforced is False  # the decision columns came back empty: downgrade dropped them
+    assert rows["b"].enforced is False and rows["b"].decision_token is None
