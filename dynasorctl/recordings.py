@@ -131,19 +131,21 @@ def trace_reply(rec: Recording, max_tokens: int | None) -> Reply:
 def probe_reply(rec: Recording, position: int, max_tokens: int | None) -> Reply:
     """The probe answer recorded at or before `position`, as the text after `\\boxed{`.
 
-    One piece: the answer, `}` and, when the probe was uncertain, the hesitation
-    tail, so the proxy's hesitation check sees all of it.
+    Streamed in as many pieces as the probe decoded tokens, so the proxy counts
+    what the model spent; when the probe was uncertain the hesitation tail rides
+    in the piece that closes the brace, so the proxy's hesitation check sees it.
     """
     at = bisect.bisect_right(rec.probes, position, key=lambda p: p.position)
     probe = rec.probes[at - 1] if at else None
     answer = probe.answer if probe is not None and probe.answer else ""
     text = answer + "}"
-    if probe is not None and probe.hesitant:
-        text += HESITATION_TAIL
     tokens = probe.tokens if probe is not None and probe.tokens > 0 else rough_tokens(text)
-    if max_tokens is not None and tokens > max_tokens:
-        return Reply([text[: len(text) * max_tokens // tokens]], max_tokens, "length")
-    return Reply([text], tokens, "stop")
+    pieces = split_pieces(text, min(tokens, len(text)))
+    if probe is not None and probe.hesitant:
+        pieces[-1] += HESITATION_TAIL
+    if max_tokens is not None and len(pieces) > max_tokens:
+        return Reply(pieces[:max_tokens], max_tokens, "length")
+    return Reply(pieces, tokens, "stop")
 
 
 def _common_prefix(text: str, s: str, start: int) -> int:

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,12 +23,23 @@ from proxy.dialect import assistant_prefix, chat_probe_body, completion_probe_bo
 from proxy.enforce import StopInfo
 from proxy.metrics import Metrics
 from proxy.observe import ChoiceText
-from proxy.policy import CotPolicy, ProbeObservation, TextSignals, decide_cot, probe_due, text_signals
+from proxy.policy import (
+    CotPolicy,
+    ProbeObservation,
+    TextSignals,
+    decide_cot,
+    probe_due,
+    text_signals,
+)
 from proxy.settings import Settings
 from proxy.sse import SseReader
 from proxy.upstream import Headers, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
+
+# Probe points that may wait for the probe in flight; past this the upstream is
+# too slow for the probe schedule and further points are skipped (and counted).
+MAX_WAITING = 4
 
 
 @dataclass(slots=True)
@@ -116,6 +128,7 @@ class ProbeSession:
         self._request = request
         self._headers = headers
         self._task: asyncio.Task[None] | None = None
+        self._waiting: deque[tuple[str, int]] = deque()
         self._pending_position = 0
         self.policy = policy
         self.enforcing = enforcing and policy is not None
@@ -133,26 +146,38 @@ class ProbeSession:
         return step
 
     def _wanted(self, position: int) -> bool:
+        taken = len(self.results) + len(self._waiting)
         if not self.enforcing:
-            return len(self.results) < self._prober._settings.probe_max_per_request
+            return taken < self._prober._settings.probe_max_per_request
         assert self.policy is not None
-        taken = sum(1 for r in self.results if r.status == "ok")
         limit = self.policy.max_probes
         return probe_due(self.policy, position) and (limit is None or taken < limit)
 
     def on_tokens(self, choice: ChoiceText) -> None:
-        """Observer callback: the main choice reached another probe point."""
+        """Observer callback: the main choice reached another probe point.
+
+        Probe points are taken in order, one probe in flight at a time; points
+        that come due meanwhile wait (a few at most), so the policy sees every
+        probe it would see in replay.
+        """
         if self.stop is not None or not self._wanted(choice.tokens):
             return
-        if self._task is not None and not self._task.done():
-            self._prober._metrics.probes["skipped"] += 1  # the last probe is still running
+        if len(self._waiting) >= MAX_WAITING:
+            self._prober._metrics.probes["skipped"] += 1  # the upstream cannot keep up
             return
         if self._kind == "chat":
             prefix = assistant_prefix(choice.reasoning_text, choice.content_text)
         else:
             prefix = choice.content_text
-        self._pending_position = choice.tokens
-        self._task = asyncio.create_task(self._run(prefix, choice.tokens))
+        self._waiting.append((prefix, choice.tokens))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._work())
+
+    async def _work(self) -> None:
+        while self._waiting and self.stop is None:
+            prefix, position = self._waiting.popleft()
+            self._pending_position = position
+            await self._run(prefix, position)
 
     async def _run(self, prefix: str, position: int) -> None:
         metrics = self._prober._metrics
@@ -194,3 +219,4 @@ class ProbeSession:
             self.results.append(
                 ProbeResult(self._pending_position, None, False, 0, None, "cancelled")
             )
+        self._waiting.clear()

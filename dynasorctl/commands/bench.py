@@ -86,3 +86,50 @@ def proxy(
 
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command()
+def enforce(
+    traces: Annotated[Path, typer.Option("--traces", help="Chain-of-thought trace file to send.")],
+    policy: Annotated[Path, typer.Option("--policy", help="Policy file to enforce (TOML).")],
+    tokens_per_second: Annotated[float, typer.Option(
+        min=0, help="Replay speed per stream (far above it, probes fall behind the stream).")] = 500.0,
+    concurrency: Annotated[int, typer.Option(min=1, help="Problems in flight at once.")] = 8,
+    limit: Annotated[int | None, typer.Option(min=1, help="Send only the first N traces.")] = None,
+) -> None:
+    """Enforce a policy on every problem through the proxy; compare with `evaluate`'s prediction."""
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from dynasorctl.bench import enforce_bench
+    from dynasorctl.calibration.policyfile import read_policy_file
+    from dynasorctl.traces import TraceFileError, load_cot
+
+    pf = read_policy_file(policy)
+    if pf.kind != "cot":
+        raise UserError(f"{policy} is not a chain-of-thought policy: enforcement covers those today")
+    try:
+        records = load_cot(traces)
+    except TraceFileError as exc:
+        raise UserError(str(exc)) from exc
+    records = records[:limit] if limit else records
+    console = Console()
+    with Progress(console=console) as bar:
+        task = bar.add_task("through the enforcing proxy", total=len(records))
+        predicted, observed = enforce_bench.run(traces, records, policy, pf, tokens_per_second,
+                                                concurrency, lambda: bar.advance(task))
+    table = Table(title=f"{policy.name} on {len(records)} traces of {traces.name}")
+    for col in ("", "evaluate (predicted)", "through the proxy (observed)", "difference"):
+        table.add_column(col, justify="right")
+    rows = [
+        ("accuracy, full", predicted.accuracy_full, observed.accuracy_full),
+        ("accuracy, policy", predicted.accuracy_policy, observed.accuracy_policy),
+        ("stopped", predicted.stopped, observed.stopped),
+        ("net saved", predicted.net_saved, observed.net_saved),
+    ]
+    for name, want, got in rows:
+        if want is None:
+            continue
+        table.add_row(name, f"{want:.1%}", f"{got:.1%}", f"{(got - want) * 100:+.1f} pts")
+    console.print(table)
+    console.print(f"probes sent by the proxy: {observed.probes:,} ({observed.probe_tokens:,} tokens decoded)")

@@ -9,14 +9,7 @@ certaindex, where the paper's rule would have stopped, and at what cost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -31,6 +24,7 @@ from sqlalchemy.orm import Session
 from dynasorctl import traces
 from dynasorctl.errors import UserError
 from dynasorctl.options import DbOption, store
+from dynasorctl.stack import replay_and_proxy
 from proxy.equivalence import Equivalence
 from proxy.policy import PAPER_DEFAULT, ProbeObservation, first_stop
 from proxy.record import prompt_hash
@@ -38,43 +32,6 @@ from proxy.store.db import default_url
 from proxy.store.models import ProbeRow, RequestRow
 
 console = Console()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, name: str, log: Path, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise UserError(f"{name} exited at start-up (code {proc.returncode}); see {log}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise UserError(f"{name} did not become ready in {timeout_s:.0f} s; see {log}")
-
-
-@contextlib.contextmanager
-def _process(args: list[str], name: str, url: str, log: Path) -> Iterator[subprocess.Popen]:
-    """A `dynasorctl` subcommand as a real process; stopped with SIGTERM (it flushes)."""
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dynasorctl", *args], stdout=out, stderr=out)
-        try:
-            _wait_ready(url, proc, name, log)
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
 
 
 async def _send_all(proxy_url: str, problems: list[traces.CotTrace], concurrency: int) -> list[str]:
@@ -175,17 +132,10 @@ def demo(
     db_url = db or default_url()
     store(db_url)  # fail early and clearly on a bad store
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / f"dynasor-demo-{os.getpid()}"
-    logs.mkdir(parents=True, exist_ok=True)
-    replay_port, proxy_port = _free_port(), _free_port()
-    replay_url, proxy_url = f"http://127.0.0.1:{replay_port}", f"http://127.0.0.1:{proxy_port}"
-    console.print(f"replay upstream: {len(problems)} recorded traces on {replay_url}; "
-                  f"proxy on {proxy_url}; store {db_url}")
-    with _process(["replay", "--traces", str(traces_file), "--port", str(replay_port),
-                   "--tokens-per-second", str(tokens_per_second)], "replay upstream", replay_url,
-                  logs / "replay.log"):
-        with _process(["observe", "--upstream", replay_url, "--port", str(proxy_port), "--db", db_url,
-                       ], "proxy", proxy_url, logs / "proxy.log"):
-            errors = asyncio.run(_send_all(proxy_url, problems, concurrency))
+    with replay_and_proxy(traces_file, tokens_per_second, ["--db", db_url], logs) as (replay_url, proxy_url):
+        console.print(f"replay upstream: {len(problems)} recorded traces on {replay_url}; "
+                      f"proxy on {proxy_url}; store {db_url}")
+        errors = asyncio.run(_send_all(proxy_url, problems, concurrency))
     if errors:
         raise UserError(f"{len(errors)} requests failed, e.g. {errors[0]}; logs in {logs}")
     _report(db_url, problems, replay_url)

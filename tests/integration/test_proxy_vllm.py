@@ -118,3 +118,36 @@ async def test_models_pass_through(vllm_url, proxy):
         direct = await client.get(vllm_url + "/v1/models")
         via = await client.get(url + "/v1/models")
     assert masked(via.content) == masked(direct.content)
+
+
+async def test_enforced_stop_aborts_the_real_engine_request(vllm_url, tmp_path):
+    """An enforced stop frees the engine's slot: vLLM's running-requests gauge drops at once."""
+    policy = tmp_path / "stop-early.toml"
+    policy.write_text('version = 1\nkind = "cot"\nmodel = "*"\n\n[cot]\ninterval = 16\nwindow = 1\n')
+    settings = Settings(upstream_url=vllm_url, db_url=f"sqlite:///{tmp_path}/e.db", mode="enforce",
+                        policy_file=str(policy), probe_max_tokens=8)
+    app = create_app(settings)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Write a long story about a cat."}],
+            "temperature": 0, "max_tokens": 1500, "stream": True, "stream_options": {"include_usage": True}}
+    try:
+        async with httpx.AsyncClient(timeout=120) as client:
+            r = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body)
+            await asyncio.sleep(0.5)
+            metrics = (await client.get(vllm_url + "/metrics")).text
+    finally:
+        server.should_exit = True
+        await task
+    assert r.headers["x-dynasor-mode"] == "enforce"
+    events = [json.loads(b[6:]) for b in r.content.split(b"\n\n") if b.startswith(b"data: {")]
+    assert r.content.endswith(b"data: [DONE]\n\n")
+    ext = next(e["dynasor"] for e in events if "dynasor" in e)
+    assert ext["stopped"] and ext["stop_token"] == 16
+    usage = events[-1]["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] < 1500
+    running = [line for line in metrics.splitlines() if line.startswith("vllm:num_requests_running")]
+    assert running and all(float(line.rsplit(" ", 1)[1]) == 0.0 for line in running), running
