@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from proxy.enforce import OPT_HEADER, Mode, StopInfo, answer_text, choose, tail_chunks
+from proxy.control import Control, Plan
+from proxy.enforce import OPT_HEADER, Mode, StopInfo, answer_text, tail_chunks
 from proxy.equivalence import AsyncEquivalence
 from proxy.metrics import Metrics
 from proxy.observe import ResponseObserver
 from proxy.probe import ProbeSession, Prober
-from proxy.policy import CotPolicy, PolicyFile, load_policy_file, select_policy
 from proxy.programs import PROGRAM_HEADER, Programs
 from proxy.record import build_record
 from proxy.recorder import Record, Recorder, write_records
@@ -57,7 +57,7 @@ class Exchange:
     ttft_s: float | None = None
     finished: float = 0.0
     mode: Mode = "observe"
-    policy_name: str | None = None
+    plan: Plan | None = None
     enforced: StopInfo | None = None  # set when the proxy ended the stream itself
 
 
@@ -82,10 +82,7 @@ class ProxyApp:
         self.equivalence = AsyncEquivalence()
         self.programs = Programs(self.equivalence, self.metrics)
         self._finalizing: set[asyncio.Task[None]] = set()
-        # Read now, so a bad policy file stops start-up with its own message.
-        self.policies: list[PolicyFile] = (
-            [load_policy_file(settings.policy_file)] if settings.policy_file else []
-        )
+        self.control = Control(settings, self.metrics)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -95,10 +92,12 @@ class ProxyApp:
 
             engine = await asyncio.to_thread(open_store, self.settings.db_url)
             self._write = partial(write_records, engine)
+            await self.control.start(engine)
         self.recorder = Recorder(self._write, self.metrics, self.settings.record_queue_size)
         self.recorder.start()
 
     async def shutdown(self) -> None:
+        await self.control.stop()
         if self._finalizing:
             await asyncio.wait(self._finalizing, timeout=10)
         if self.recorder is not None:
@@ -154,9 +153,8 @@ class ProxyApp:
         ok = store_ok and self.metrics.records_dropped == 0
         return {
             "status": "ok" if ok else "degraded",
-            "mode": self.settings.mode,
-            "enforce_percent": self.settings.enforce_percent if self.settings.mode == "enforce" else None,
-            "policy": self.settings.policy_file,
+            "rollout": self._rollout_health(),
+            "guardrails": self.control.guardrails.status(),
             "upstream": self.upstream.base_url,
             "store": {
                 "ok": store_ok,
@@ -168,6 +166,15 @@ class ProxyApp:
             },
             "active_streams": self.metrics.active_streams,
         }
+
+    def _rollout_health(self) -> dict[str, Any]:
+        state = self.control.state
+        if state is None or not state.scopes:
+            return {"source": "flags", "mode": self.settings.mode, "policy": self.settings.policy_file,
+                    "enforce_percent": self.settings.enforce_percent}
+        return {"source": "store", "version": state.version, "poll_error": self.control.poll_error,
+                "scopes": {k: {"mode": v.mode, "percent": v.percent, "policy_id": v.policy_id}
+                           for k, v in state.scopes.items()}}
 
     # -- the pipeline --------------------------------------------------------
 
@@ -181,18 +188,16 @@ class ProxyApp:
             stream = bool(body.get("stream"))
             n = body.get("n") if isinstance(body.get("n"), int) else 1
             ex.program_id = _header(headers, PROGRAM_HEADER) or (ex.request_id if n > 1 else None)
-            ex.mode = choose(self.settings.mode, self.settings.enforce_percent,
-                             ex.program_id or ex.request_id, _header(headers, OPT_HEADER),
-                             self.settings.allow_opt_in)
+            model = body.get("model") if isinstance(body.get("model"), str) else None
+            ex.plan = self.control.plan(model, _header(headers, b"authorization"),
+                                        ex.program_id or ex.request_id, _header(headers, OPT_HEADER))
+            ex.mode = ex.plan.mode
             if ex.mode == "off":  # the client opted out: a plain relay, not recorded
                 await self._relay(scope, receive, send, raw, ex)
                 self._count(scope["path"], ex)
                 return
-            policy = self._policy(body)
-            if policy is None:
-                ex.mode = "observe"
             if stream and n == 1 and self._should_probe(kind, body, ex.mode):
-                ex.probes = self.prober.session(kind, body, _probe_headers(headers), policy,
+                ex.probes = self.prober.session(kind, body, _probe_headers(headers), ex.plan.policy,
                                                 enforcing=ex.mode == "enforce")
             interval = ex.probes.interval(self.settings.probe_interval) if ex.probes else 0
             ex.observer = ResponseObserver(kind, stream, ex.probes.on_tokens if ex.probes else None,
@@ -205,10 +210,6 @@ class ProxyApp:
             task = asyncio.create_task(self._finalize(ex))
             self._finalizing.add(task)
             task.add_done_callback(self._finalizing.discard)
-
-    def _policy(self, body: dict[str, Any]) -> CotPolicy | None:
-        chosen = select_policy(self.policies, body.get("model"))
-        return chosen.cot if chosen is not None else None
 
     async def _passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = await _read_body(receive)
@@ -338,6 +339,12 @@ class ProxyApp:
             return
         assert self.recorder is not None
         self.recorder.put(record)
+        if ex.plan is not None:
+            req = record.request
+            stop = ex.probes.stop if ex.probes else None
+            await self.control.judge(ex.plan, ex.status != 200 or ex.error is not None,
+                                     ex.finished - ex.started, stop.answer if stop else None,
+                                     req["final_answer"], stop is not None)
 
     def _count(self, path: str, ex: Exchange) -> None:
         endpoint = path if path in OBSERVED or path in ("/v1/models",) else "other"

@@ -52,6 +52,7 @@ class Metrics:
     write_errors: int = 0
     active_streams: int = 0
     enforced_stops: int = 0
+    rollbacks: int = 0
     shadow_stops: int = 0
     certaindex: dict[str, Histogram] = field(default_factory=dict)
     duration: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
@@ -82,6 +83,9 @@ class Metrics:
                "Requests the policy stopped: for real (enforce) or on paper (shadow).",
                [f'dynasor_policy_stops_total{{mode="enforce"}} {self.enforced_stops}',
                 f'dynasor_policy_stops_total{{mode="shadow"}} {self.shadow_stops}'])
+        family("dynasor_guardrail_rollbacks_total", "counter",
+               "Rollout scopes a guardrail put back from enforce to shadow.",
+               [f"dynasor_guardrail_rollbacks_total {self.rollbacks}"])
         family("dynasor_active_streams", "gauge", "Requests being relayed now.",
                [f"dynasor_active_streams {self.active_streams}"])
         family("dynasor_records_written_total", "counter", "Request records written to the store.",

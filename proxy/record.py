@@ -61,7 +61,7 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
         "kind": ex.kind,
         "upstream": app.upstream.base_url,
         "mode": ex.mode,
-        "policy": app.settings.policy_file if ex.mode in ("shadow", "enforce") else None,
+        "policy": ex.plan.policy_name if ex.plan else None,
         "decision_token": stop.position if stop else None,
         "decision_answer": stop.answer if stop else None,
         "enforced": ex.enforced is not None,

@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from proxy.certaindex import DEFAULT_PROBE_SUFFIX
+from proxy.guardrails import GuardrailSettings
 
 
 class Settings(BaseSettings):
@@ -50,8 +51,16 @@ class Settings(BaseSettings):
         description="what an enforced stop writes after the last token ({answer}: the answer)",
     )
 
+    rollout_poll_s: float = Field(0.5, gt=0, description="how often the rollout state is reloaded")
+    guardrails: GuardrailSettings = Field(
+        default_factory=GuardrailSettings, description="bounds that roll enforce back to shadow"
+    )
+    admin_token: str | None = Field(None, description="token of the admin API (unset: no admin API)")
+    admin_port: int = Field(8081, ge=1, le=65535, description="port of the admin API (loopback)")
+
     @model_validator(mode="after")
     def _policy_for_mode(self) -> Settings:
+        # A store-backed rollout can supply the policy; flags alone must name one.
         if self.mode != "observe" and self.policy_file is None:
             raise ValueError(f"mode {self.mode} needs a policy_file")
         return self

@@ -44,15 +44,36 @@ def check_port_free(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
-def serve(app: Any, host: str, port: int) -> None:
-    """Serve an ASGI app with uvicorn until SIGINT/SIGTERM (shutdown flushes the store)."""
+def _config(app: Any, host: str, port: int, lifespan: str = "on") -> Any:
     import uvicorn
 
     # No Server or Date header of its own: the client gets the upstream's.
-    config = uvicorn.Config(app, host=host, port=port, loop="uvloop", http="httptools",
-                            log_level="warning", access_log=False, lifespan="on",
-                            server_header=False, date_header=False)
-    uvicorn.Server(config).run()
+    return uvicorn.Config(app, host=host, port=port, loop="uvloop", http="httptools",
+                          log_level="warning", access_log=False, lifespan=lifespan,
+                          server_header=False, date_header=False)
+
+
+def serve(app: Any, host: str, port: int, admin: Any = None, admin_port: int = 0) -> None:
+    """Serve the proxy (and the admin API on loopback) until SIGINT/SIGTERM; shutdown flushes."""
+    import asyncio
+
+    import uvicorn
+    import uvloop
+
+    main = uvicorn.Server(_config(app, host, port))
+    if admin is None:
+        main.run()
+        return
+    # The admin API shares the proxy's lifespan: it stops when the proxy stops.
+    side = uvicorn.Server(_config(admin, "127.0.0.1", admin_port, lifespan="off"))
+
+    async def both() -> None:
+        side_task = asyncio.create_task(side.serve())
+        await main.serve()
+        side.should_exit = True
+        await side_task
+
+    uvloop.run(both())
 
 
 def observe(
@@ -85,6 +106,8 @@ def observe(
                              policy_file=str(policy) if policy else None, enforce_percent=enforce_percent)
     store(settings.db_url)  # fail now, with a clear message, not inside the server
     check_port_free(settings.host, settings.port)
+    if settings.admin_token:
+        check_port_free("127.0.0.1", settings.admin_port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from proxy.app import create_app
     from proxy.policy import PolicyFileError
@@ -100,7 +123,13 @@ def observe(
         + (f"; policy {settings.policy_file}" if settings.policy_file else "")
         + (f", {settings.enforce_percent:g}% enforced" if settings.mode == "enforce" else "") + ")"
     )
-    serve(app, settings.host, settings.port)
+    admin = None
+    if settings.admin_token:
+        from proxy.admin import AdminApp
+
+        admin = AdminApp(app, settings.admin_token)
+        err_console.print(f"admin API on http://127.0.0.1:{settings.admin_port} (token required)")
+    serve(app, settings.host, settings.port, admin, settings.admin_port)
 
 
 def register(app: typer.Typer) -> None:

@@ -147,3 +147,41 @@ class PolicyRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     active: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     note: Mapped[str | None] = mapped_column(Text)
+
+
+class RolloutScopeRow(Base):
+    """How far a policy is rolled out in one scope: "*", "model:NAME" or "key:NAME".
+
+    Proxies read these rows every second; `proxy.rollout` is the only writer, and
+    it audits every change in `rollout_audit`.
+    """
+
+    __tablename__ = "rollout_scopes"
+    __table_args__ = (
+        CheckConstraint("mode IN ('off', 'observe', 'shadow', 'enforce')", name="mode"),
+        CheckConstraint("percent >= 0 AND percent <= 100", name="percent"),
+    )
+
+    scope: Mapped[str] = mapped_column(String(300), primary_key=True)
+    mode: Mapped[str] = mapped_column(String(16))  # off | observe | shadow | enforce
+    percent: Mapped[float] = mapped_column(Float)  # enforced share in enforce, 0-100
+    policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id"))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_by: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+
+
+class RolloutAuditRow(Base):
+    """One field of one rollout scope changed: by whom, why, from what to what."""
+
+    __tablename__ = "rollout_audit"
+    __table_args__ = (Index("ix_rollout_audit_scope_id", "scope", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    scope: Mapped[str] = mapped_column(String(300))
+    field: Mapped[str] = mapped_column(String(16))  # mode | percent | policy
+    previous: Mapped[str | None] = mapped_column(Text)  # None: the scope was created
+    new: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    who: Mapped[str] = mapped_column(String(200))
