@@ -123,7 +123,8 @@ class ResponseObserver:
             return
         self._apply(body)
 
-    def _apply(self, body: Any) -> None:
+    def _apply(self, body: Any, stream: bool = True) -> None:
+        """One stream event (a chunk of text is a token) or a whole response body."""
         if not isinstance(body, dict):
             return
         if (message := error_message(body)) is not None:
@@ -135,15 +136,16 @@ class ResponseObserver:
         for part in body.get("choices") or ():
             choice = self._choice(int(part.get("index", 0)))
             if self._kind == "chat":
-                delta = part.get("delta") or {}
-                content, reasoning = delta.get("content") or "", reasoning_of(delta)
+                # a stream carries deltas, a whole response one message
+                said = part.get("delta") or part.get("message") or {}
+                content, reasoning = said.get("content") or "", reasoning_of(said)
             else:
                 content, reasoning = part.get("text") or "", ""
             if content or reasoning:
                 choice.content.append(content)
                 choice.reasoning.append(reasoning)
-                choice.tokens += 1
-                if self._on_tokens is not None and choice.tokens % self._interval == 0:
+                choice.tokens += stream
+                if stream and self._on_tokens is not None and choice.tokens % self._interval == 0:
                     self._on_tokens(choice)
             self._finished(choice, part.get("finish_reason"))
 
@@ -153,18 +155,4 @@ class ResponseObserver:
         except orjson.JSONDecodeError:
             self._out.error = "response body is not JSON"
             return
-        if not isinstance(body, dict):
-            return
-        if (message := error_message(body)) is not None:
-            self._out.error = message
-            return
-        self._usage(body)
-        for part in body.get("choices") or ():
-            choice = self._choice(int(part.get("index", 0)))
-            if self._kind == "chat":
-                message = part.get("message") or {}
-                choice.content.append(message.get("content") or "")
-                choice.reasoning.append(reasoning_of(message))
-            else:
-                choice.content.append(part.get("text") or "")
-            self._finished(choice, part.get("finish_reason"))
+        self._apply(body, stream=False)

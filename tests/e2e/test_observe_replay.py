@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 
 import httpx
-import uvicorn
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -20,21 +18,7 @@ from proxy.equivalence import Equivalence
 from proxy.settings import Settings
 from proxy.store.db import open_store
 from proxy.store.models import ProbeRow, RequestRow, SampleRow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def _serve_proxy(settings: Settings):
-    app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    return server, task
+from tests.servers import serving
 
 
 async def test_probes_recorded_through_the_proxy_match_the_recorded_trace(tmp_path):
@@ -43,20 +27,16 @@ async def test_probes_recorded_through_the_proxy_match_the_recorded_trace(tmp_pa
     async with serve_replay(sample, tokens_per_second=1500) as upstream:
         # the traces were probed with up to 32 answer tokens; at the default 20 a long
         # answer is cut before its closing brace
-        settings = Settings(upstream_url=upstream, db_url=db_url, port=_free_port(), probe_max_tokens=32)
-        server, task = await _serve_proxy(settings)
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.port}", timeout=120) as client:
-                async def one(trace):
-                    body = {"model": trace.model, "seed": trace.seed, "stream": True,
-                            "messages": [{"role": "user", "content": trace.problem}]}
-                    r = await client.post("/v1/chat/completions", json=body)
-                    assert r.status_code == 200 and r.content.endswith(b"data: [DONE]\n\n")
+        settings = Settings(upstream_url=upstream, db_url=db_url, probe_max_tokens=32)
+        async with serving(create_app(settings)) as url, \
+                httpx.AsyncClient(base_url=url, timeout=120) as client:
+            async def one(trace):
+                body = {"model": trace.model, "seed": trace.seed, "stream": True,
+                        "messages": [{"role": "user", "content": trace.problem}]}
+                r = await client.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200 and r.content.endswith(b"data: [DONE]\n\n")
 
-                await asyncio.gather(*(one(t) for t in sample))
-        finally:
-            server.should_exit = True
-            await task  # shutdown flushes the store
+            await asyncio.gather(*(one(t) for t in sample))
     engine = open_store(db_url)
     with Session(engine) as s:
         rows = s.scalars(select(RequestRow)).all()
@@ -80,16 +60,12 @@ async def test_self_consistency_program_certaindex_from_real_samples(tmp_path):
     program = traces.load_sc(traces.PACKAGED_SAMPLE.with_name("sc-sample.jsonl.gz"))[0]
     db_url = f"sqlite:///{tmp_path}/obs.db"
     async with serve_replay([program]) as upstream:
-        settings = Settings(upstream_url=upstream, db_url=db_url, port=_free_port())
-        server, task = await _serve_proxy(settings)
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.port}", timeout=120) as client:
-                body = {"model": program.model, "n": len(program.samples),
-                        "messages": [{"role": "user", "content": program.problem}]}
-                assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
-        finally:
-            server.should_exit = True
-            await task
+        settings = Settings(upstream_url=upstream, db_url=db_url)
+        async with serving(create_app(settings)) as url, \
+                httpx.AsyncClient(base_url=url, timeout=120) as client:
+            body = {"model": program.model, "n": len(program.samples),
+                    "messages": [{"role": "user", "content": program.problem}]}
+            assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
     with Session(open_store(db_url)) as s:
         samples = s.scalars(select(SampleRow).order_by(SampleRow.sample_index)).all()
     assert len(samples) == len(program.samples)

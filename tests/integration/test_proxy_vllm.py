@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -21,6 +19,7 @@ from proxy.app import create_app
 from proxy.settings import Settings
 from proxy.store.db import open_store
 from proxy.store.models import ProbeRow, RequestRow
+from tests.servers import serving
 
 VOLATILE = re.compile(rb'"(id|created)":\s*("[^"]*"|\d+)')
 PROMPT = [{"role": "user", "content": "Count from 1 to 30, separated by spaces."}]
@@ -30,26 +29,14 @@ def masked(raw: bytes) -> bytes:
     return VOLATILE.sub(rb'"\1":"*"', raw)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 async def proxy(vllm_url, tmp_path):
     """The proxy on a real port in front of the real server; yields (url, app, engine)."""
     db_url = f"sqlite:///{tmp_path}/obs.db"
     settings = Settings(upstream_url=vllm_url, db_url=db_url, probe_interval=16, probe_max_tokens=8)
     app = create_app(settings)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", app, open_store(db_url)
-    server.should_exit = True
-    await task
+    async with serving(app) as url:
+        yield url, app, open_store(db_url)
 
 
 async def _both(vllm_url: str, proxy_url: str, path: str, body: dict) -> tuple[httpx.Response, httpx.Response]:
@@ -127,21 +114,12 @@ async def test_enforced_stop_aborts_the_real_engine_request(vllm_url, tmp_path):
     settings = Settings(upstream_url=vllm_url, db_url=f"sqlite:///{tmp_path}/e.db", mode="enforce",
                         policy_file=str(policy), probe_max_tokens=8)
     app = create_app(settings)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
     body = {"model": "smollm2", "messages": [{"role": "user", "content": "Write a long story about a cat."}],
             "temperature": 0, "max_tokens": 1500, "stream": True, "stream_options": {"include_usage": True}}
-    try:
-        async with httpx.AsyncClient(timeout=120) as client:
-            r = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body)
-            await asyncio.sleep(0.5)
-            metrics = (await client.get(vllm_url + "/metrics")).text
-    finally:
-        server.should_exit = True
-        await task
+    async with serving(app) as url, httpx.AsyncClient(timeout=120) as client:
+        r = await client.post(f"{url}/v1/chat/completions", json=body)
+        await asyncio.sleep(0.5)
+        metrics = (await client.get(vllm_url + "/metrics")).text
     assert r.headers["x-dynasor-mode"] == "enforce"
     events = [json.loads(b[6:]) for b in r.content.split(b"\n\n") if b.startswith(b"data: {")]
     assert r.content.endswith(b"data: [DONE]\n\n")
