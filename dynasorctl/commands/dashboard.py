@@ -1,0 +1,34 @@
+"""`dynasorctl dashboard`: live traffic, requests and their probes, rollout with promote/kill."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from dynasorctl.errors import UserError
+from dynasorctl.options import DbOption
+from proxy.store.db import StoreError, default_url, make_engine
+
+
+def dashboard(
+    db: DbOption = None,
+    proxy: Annotated[str | None, typer.Option(
+        "--proxy", help="Base URL of a running proxy; its /health is shown (timeout 1 s).",
+        show_default=False)] = None,
+) -> None:
+    """A terminal dashboard: traffic, requests, probe timelines, rollout (p promote, k kill)."""
+    from dynasorctl.dashboard.app import create_app
+    from dynasorctl.dashboard.source import StoreSource
+
+    try:
+        # No migration: the dashboard reads what is there; a store it cannot read shows
+        # in its banner rather than stopping it.
+        engine = make_engine(db or default_url())
+    except StoreError as exc:
+        raise UserError(str(exc)) from exc
+    create_app(StoreSource(engine), proxy_url=proxy).run()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("dashboard")(dashboard)

@@ -1,0 +1,1 @@
+"""`dynasorctl dashboard`: a Textual view of live traffic, requests, probes and rollout."""

@@ -1,0 +1,293 @@
+"""What the dashboard reads from the store: bounded queries returning plain dataclasses.
+
+Every query is bounded, by a time window over the indexed `requests.created_at`, by
+LIMIT, or by one request's id (`ix_probes_request_position`). Store failures surface
+as `SourceError` with a one-line reason; nothing here retries or caches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from typing import TypeVar
+
+from sqlalchemy import ColumnElement, Engine, and_, case, func, or_, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from proxy import rollout
+from proxy.policy import PAPER_DEFAULT, CotPolicy, ProbeObservation, first_stop
+from proxy.rollout import AuditEntry, ScopeState
+from proxy.store.models import ProbeRow, RequestRow
+
+Clock = Callable[[], datetime]
+T = TypeVar("T")
+OUTCOMES = ("ok", "error", "enforced")  # how a request ended, as the filter names it
+CERTAINDEX_BINS = 10
+RECENT_PROBE_REQUESTS = 2000  # the certaindex histogram reads the probes of this many requests
+MAX_LIST = 500
+MAX_PROBES = 1000  # per request: 64-token probes over 64k tokens
+
+
+class SourceError(Exception):
+    """The store could not be read; the message is one line, fit for a banner."""
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Traffic over the last `window_s` seconds, and its requests per bucket (oldest first)."""
+
+    window_s: float
+    requests: int
+    errors: int
+    completion_tokens: int
+    probe_tokens: int
+    buckets: list[int]
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.window_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.window_s
+
+    @property
+    def probe_share(self) -> float:
+        """Probe tokens as a share of all tokens decoded (main plus probes)."""
+        total = self.completion_tokens + self.probe_tokens
+        return self.probe_tokens / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class RequestSummary:
+    id: str
+    created_at: datetime
+    model: str | None
+    mode: str
+    status_code: int
+    outcome: str  # ok | error | enforced
+    completion_tokens: int | None
+    probe_count: int
+    final_answer: str | None
+
+
+@dataclass(frozen=True)
+class Filters:
+    model: str | None = None
+    mode: str | None = None
+    outcome: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Filters:
+        """`model:M mode:X outcome:Y`, or bare words: a mode, an outcome, else a model."""
+        found: dict[str, str] = {}
+        for word in text.split():
+            key, colon, value = word.partition(":")
+            if colon and key in ("model", "mode", "outcome") and value:
+                found[key] = value
+            elif word in rollout.MODES:
+                found["mode"] = word
+            elif word in OUTCOMES:
+                found["outcome"] = word
+            else:
+                found["model"] = word
+        return cls(**found)
+
+
+@dataclass(frozen=True)
+class ProbePoint:
+    position: int
+    answer: str | None
+    hesitant: bool
+    certaindex: float | None
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """One request's probes (choice 0, ok ones) and where a policy would have stopped."""
+
+    request: RequestSummary
+    probes: list[ProbePoint]
+    stop_index: int | None  # the probe at which `PAPER_DEFAULT` stops, None if it never does
+    stop_answer: str | None
+    stop_reason: str
+    decision_token: int | None  # where the live policy stopped (shadow/enforce), if it did
+    decision_answer: str | None
+
+    @property
+    def stop_position(self) -> int | None:
+        return None if self.stop_index is None else self.probes[self.stop_index].position
+
+
+@dataclass(frozen=True)
+class Rollout:
+    scopes: list[ScopeState]
+    history: list[AuditEntry]
+
+
+def _utc(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)  # SQLite drops the zone
+
+
+def _reason(exc: Exception) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _outcome() -> ColumnElement[str]:
+    r = RequestRow
+    return case((or_(r.status_code >= 400, r.error.is_not(None)), "error"),
+                (r.enforced.is_(True), "enforced"), else_="ok")
+
+
+class StoreSource:
+    """The dashboard's reads over one store engine, and the two rollout changes it offers."""
+
+    def __init__(self, engine: Engine, clock: Clock | None = None,
+                 policy: CotPolicy = PAPER_DEFAULT) -> None:
+        self.engine = engine
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self.policy = policy
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    def _run(self, read: Callable[[], T]) -> T:
+        try:
+            return read()
+        except SQLAlchemyError as exc:
+            reason = _reason(exc)
+            if "no such table" in reason:
+                reason += " (an empty or old store: run `dynasorctl db upgrade`)"
+            raise SourceError(f"store error: {reason}") from exc
+
+    # --- traffic ------------------------------------------------------------------------------
+
+    def traffic(self, minutes: float = 5.0, buckets: int = 30) -> Traffic:
+        """Counts over the last `minutes`: one scan of the created_at index, bucketed in SQL."""
+        end = self.now()
+        start = end - timedelta(minutes=minutes)
+        step = (end - start) / buckets
+        r = RequestRow
+        edges = [start + step * i for i in range(buckets + 1)]
+        per_bucket = [func.sum(case((and_(r.created_at >= lo, r.created_at < hi), 1), else_=0))
+                      for lo, hi in pairwise(edges)]
+        query = (select(func.count(), func.sum(case((or_(r.status_code >= 400, r.error.is_not(None)), 1),
+                                                    else_=0)),
+                        func.coalesce(func.sum(r.completion_tokens), 0),
+                        func.coalesce(func.sum(r.probe_tokens), 0), *per_bucket)
+                 .where(r.created_at >= start, r.created_at < end))
+
+        def read() -> Traffic:
+            with self.engine.connect() as conn:
+                row = conn.execute(query).one()
+            return Traffic(minutes * 60, int(row[0]), int(row[1] or 0), int(row[2]), int(row[3]),
+                           [int(b or 0) for b in row[4:]])
+
+        return self._run(read)
+
+    def certaindex_histogram(self, minutes: float = 5.0) -> list[int]:
+        """Probes per certaindex bin ([0, 0.1), ..., [0.9, 1]) of the newest recent requests."""
+        since = self.now() - timedelta(minutes=minutes)
+        r, p = RequestRow, ProbeRow
+        recent = (select(r.id).where(r.created_at >= since).order_by(r.created_at.desc())
+                  .limit(RECENT_PROBE_REQUESTS).subquery())
+        width = 1.0 / CERTAINDEX_BINS
+        bins = []
+        for i in range(CERTAINDEX_BINS):
+            lo, hi = i * width, (i + 1) * width
+            if i == 0:
+                inside = p.certaindex < hi
+            elif i == CERTAINDEX_BINS - 1:
+                inside = p.certaindex >= lo
+            else:
+                inside = and_(p.certaindex >= lo, p.certaindex < hi)
+            bins.append(func.sum(case((inside, 1), else_=0)))
+        query = (select(*bins).select_from(p).join(recent, recent.c.id == p.request_id)
+                 .where(p.status == "ok", p.certaindex.is_not(None)))
+
+        def read() -> list[int]:
+            with self.engine.connect() as conn:
+                row = conn.execute(query).one()
+            return [int(v or 0) for v in row]
+
+        return self._run(read)
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def requests(self, filters: Filters = Filters(), limit: int = 100) -> list[RequestSummary]:
+        """The newest requests matching `filters`, newest first, at most `limit` (<= 500)."""
+        r = RequestRow
+        outcome = _outcome()
+        query = (select(r.id, r.created_at, r.model, r.mode, r.status_code, outcome.label("outcome"),
+                        r.completion_tokens, r.probe_count, r.final_answer)
+                 .order_by(r.created_at.desc()).limit(max(1, min(limit, MAX_LIST))))
+        if filters.model:
+            query = query.where(r.model == filters.model)  # ix_requests_model
+        if filters.mode:
+            query = query.where(r.mode == filters.mode)
+        if filters.outcome:
+            query = query.where(outcome == filters.outcome)
+
+        def read() -> list[RequestSummary]:
+            with self.engine.connect() as conn:
+                return [RequestSummary(row.id, _utc(row.created_at), row.model, row.mode,
+                                       row.status_code, row.outcome, row.completion_tokens,
+                                       row.probe_count, row.final_answer)
+                        for row in conn.execute(query)]
+
+        return self._run(read)
+
+    def timeline(self, request_id: str) -> Timeline | None:
+        """One request's probes and where the policy (the paper's rule) would have stopped."""
+        r, p = RequestRow, ProbeRow
+        head = select(r.id, r.created_at, r.model, r.mode, r.status_code, _outcome().label("outcome"),
+                      r.completion_tokens, r.probe_count, r.final_answer, r.decision_token,
+                      r.decision_answer).where(r.id == request_id)
+        probes = (select(p.position, p.answer, p.hesitant, p.output_tokens, p.certaindex)
+                  .where(p.request_id == request_id, p.choice_index == 0, p.status == "ok")
+                  .order_by(p.position).limit(MAX_PROBES))
+
+        def read() -> Timeline | None:
+            with self.engine.connect() as conn:
+                row = conn.execute(head).one_or_none()
+                if row is None:
+                    return None
+                rows = conn.execute(probes).all()
+            summary = RequestSummary(row.id, _utc(row.created_at), row.model, row.mode,
+                                     row.status_code, row.outcome, row.completion_tokens,
+                                     row.probe_count, row.final_answer)
+            points = [ProbePoint(q.position, q.answer, bool(q.hesitant), q.certaindex) for q in rows]
+            obs = [ProbeObservation(q.position, q.answer, bool(q.hesitant), q.output_tokens or 0)
+                   for q in rows]
+            index, decision = first_stop(self.policy, obs)
+            return Timeline(summary, points, index, decision.answer, decision.reason,
+                            row.decision_token, row.decision_answer)
+
+        return self._run(read)
+
+    # --- rollout ------------------------------------------------------------------------------
+
+    def rollout(self, history: int = 8) -> Rollout:
+        """Every scope (there are few) and the newest `history` audit entries."""
+
+        def read() -> Rollout:
+            state = rollout.load_state(self.engine)
+            return Rollout(sorted(state.scopes.values(), key=lambda s: s.scope),
+                           rollout.history(self.engine, limit=history))
+
+        return self._run(read)
+
+    # --- rollout changes: the same functions as `dynasorctl rollout` ----------------------------
+
+    def promote(self, scope: str, reason: str) -> ScopeState:
+        """One step up the ladder for `scope`; RolloutError if the rules refuse it."""
+        return self._run(lambda: rollout.promote(self.engine, scope, reason=reason,
+                                                 who=rollout.current_user()))
+
+    def kill(self, reason: str) -> list[ScopeState]:
+        """Every shadowed or enforced scope back to observe; the scopes changed."""
+        return self._run(lambda: rollout.kill(self.engine, reason=reason, who=rollout.current_user()))
