@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The real vLLM engine (CPU build) and the SmolLM2 checkpoint the integration tests serve.
+# The real engines the integration tests serve: vLLM and SGLang (CPU builds) and the
+# SmolLM2 checkpoint.
 engine:
 	bash scripts/engine.sh
+	bash scripts/sglang.sh
 
 demo: install
 	$(BIN)/dynasorctl demo
@@ -32,4 +34,4 @@ bench: install
 	$(BIN)/dynasorctl bench proxy
 
 clean:
-	rm -rf $(VENV) .venv-engine .cache
+	rm -rf $(VENV) .venv-engine .venv-sglang .cache
