@@ -160,7 +160,7 @@ class StoreSource:
             return read()
         except SQLAlchemyError as exc:
             reason = _reason(exc)
-            if "no such table" in reason:
+            if "no such table" in reason or "no such column" in reason:
                 reason += " (an empty or old store: run `dynasorctl db upgrade`)"
             raise SourceError(f"store error: {reason}") from exc
 

@@ -85,3 +85,17 @@ def test_0003_decision_columns_down_and_up_with_data(tmp_path):
         rows = {r.id: r for r in s.scalars(select(RequestRow))}
     assert rows["a"].enforced is False  # the decision columns came back empty: downgrade dropped them
     assert rows["b"].enforced is False and rows["b"].decision_token is None
+
+
+def test_every_migration_keeps_probes_and_samples(tmp_path):
+    """Rebuilding `requests` in a batch migration must not cascade into its children."""
+    engine = db.make_engine(f"sqlite:///{tmp_path}/s.db")
+    db.upgrade(engine, "0001")
+    write_records(engine, [_record("a"), _record("b")])
+    db.upgrade(engine)
+    db.downgrade(engine, "0001")
+    db.upgrade(engine)
+    with Session(engine) as s:
+        assert s.scalar(select(func.count()).select_from(RequestRow)) == 2
+        assert s.scalar(select(func.count()).select_from(ProbeRow)) == 2
+        assert s.scalar(select(func.count()).select_from(SampleRow)) == 2
