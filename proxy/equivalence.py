@@ -125,24 +125,13 @@ class AsyncEquivalence:
         return result
 
     async def group(self, answers: Sequence[str | None]) -> list[int]:
-        """Group index of each answer, as `group_answers` does."""
-        reps: list[tuple[int, str]] = []
-        groups: list[int] = []
-        next_group = 0
-        for answer in answers:
-            found = None
-            if answer is not None:
-                for group, rep in reps:
-                    if await self.same(rep, answer):
-                        found = group
-                        break
-            if found is None:
-                found = next_group
-                next_group += 1
-                if answer is not None:
-                    reps.append((found, answer))
-            groups.append(found)
-        return groups
+        """Group index of each answer, as `group_answers` does (slow checks awaited first)."""
+        distinct = list(dict.fromkeys(a for a in answers if a is not None))
+        verdicts: dict[tuple[str, str], bool] = {}
+        for i, a in enumerate(distinct):
+            for b in distinct[:i]:
+                verdicts[(a, b)] = verdicts[(b, a)] = await self.same(a, b)
+        return group_answers(answers, lambda a, b: a == b or verdicts[(a, b)])
 
     def close(self) -> None:
         if self._pool is not None:
