@@ -8,20 +8,21 @@ prefix cache, so direct and proxied bodies report different counts).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 
 import httpx
 import pytest
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from proxy.app import create_app
 from proxy.settings import Settings
 from proxy.store.db import open_store
-from proxy.store.models import ProbeRow, RequestRow
 from tests.servers import serving
+
+try:  # a package module if tests/integration ever gets an __init__.py
+    from .checks import assert_probed, both
+except ImportError:
+    from checks import assert_probed, both
 
 VOLATILE = re.compile(
     rb'"(id|created|cached_tokens)":\s*("[^"]*"|\d+)'
@@ -46,14 +47,6 @@ async def proxy(sglang_url, tmp_path):
         yield url, app, open_store(db_url)
 
 
-async def _both(
-    sglang_url: str, proxy_url: str, path: str, body: dict
-) -> tuple[httpx.Response, httpx.Response]:
-    async with httpx.AsyncClient(timeout=120) as client:
-        direct = await client.post(sglang_url + path, json=body)
-        via = await client.post(proxy_url + path, json=body)
-    return direct, via
-
 
 def test_masking_covers_sglang_volatile_fields():
     raw = (
@@ -69,7 +62,7 @@ def test_masking_covers_sglang_volatile_fields():
 async def test_non_streamed_chat_is_byte_identical(sglang_url, proxy):
     url, _, _ = proxy
     body = {"model": "smollm2", "messages": PROMPT, "temperature": 0, "seed": 1, "max_tokens": 40}
-    direct, via = await _both(sglang_url, url, "/v1/chat/completions", body)
+    direct, via = await both(sglang_url, url, "/v1/chat/completions", body)
     assert via.status_code == direct.status_code == 200
     assert masked(via.content) == masked(direct.content)
     assert via.headers["content-type"] == direct.headers["content-type"]
@@ -87,27 +80,17 @@ async def test_streamed_chat_with_usage_is_byte_identical_and_probed(sglang_url,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    direct, via = await _both(sglang_url, url, "/v1/chat/completions", body)
+    direct, via = await both(sglang_url, url, "/v1/chat/completions", body)
     assert masked(via.content) == masked(direct.content)
     assert via.content.endswith(b"data: [DONE]\n\n")
     assert b'"choices":[],"usage":' in via.content  # SGLang's usage-only last chunk
-    await asyncio.sleep(1.0)  # the record is written off the request path
-    with Session(engine) as s:
-        req = s.scalars(select(RequestRow).where(RequestRow.stream.is_(True))).one()
-        probes = s.scalars(select(ProbeRow).where(ProbeRow.request_id == req.id)).all()
-    assert req.status_code == 200 and req.completion_tokens == 60 and req.probed
-    # Probes continue the assistant turn (continue_final_message, no generation prompt).
-    ok = [p for p in probes if p.status == "ok"]
-    assert ok, f"no probe answered: {[(p.position, p.status) for p in probes]}"
-    assert all(p.position % 16 == 0 for p in probes)
-    assert all(0 < p.output_tokens <= 8 for p in ok)
-    assert app.metrics.probe_tokens >= sum(p.output_tokens for p in ok)
+    await assert_probed(app, engine, tokens=60, interval=16, max_tokens=8)
 
 
 async def test_upstream_errors_pass_through(sglang_url, proxy):
     url, _, _ = proxy
     bad = {"model": "smollm2", "messages": PROMPT, "max_tokens": -1}
-    direct, via = await _both(sglang_url, url, "/v1/chat/completions", bad)
+    direct, via = await both(sglang_url, url, "/v1/chat/completions", bad)
     assert via.status_code == direct.status_code == 400
     assert via.content == direct.content
     body = json.loads(via.content)

@@ -12,14 +12,16 @@ import re
 
 import httpx
 import pytest
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from proxy.app import create_app
 from proxy.settings import Settings
 from proxy.store.db import open_store
-from proxy.store.models import ProbeRow, RequestRow
 from tests.servers import serving
+
+try:  # a package module if tests/integration ever gets an __init__.py
+    from .checks import assert_probed, both
+except ImportError:
+    from checks import assert_probed, both
 
 VOLATILE = re.compile(rb'"(id|created)":\s*("[^"]*"|\d+)')
 PROMPT = [{"role": "user", "content": "Count from 1 to 30, separated by spaces."}]
@@ -39,17 +41,11 @@ async def proxy(vllm_url, tmp_path):
         yield url, app, open_store(db_url)
 
 
-async def _both(vllm_url: str, proxy_url: str, path: str, body: dict) -> tuple[httpx.Response, httpx.Response]:
-    async with httpx.AsyncClient(timeout=120) as client:
-        direct = await client.post(vllm_url + path, json=body)
-        via = await client.post(proxy_url + path, json=body)
-    return direct, via
-
 
 async def test_non_streamed_chat_is_byte_identical(vllm_url, proxy):
     url, _, _ = proxy
     body = {"model": "smollm2", "messages": PROMPT, "temperature": 0, "seed": 1, "max_tokens": 40}
-    direct, via = await _both(vllm_url, url, "/v1/chat/completions", body)
+    direct, via = await both(vllm_url, url, "/v1/chat/completions", body)
     assert via.status_code == direct.status_code == 200
     assert masked(via.content) == masked(direct.content)
     assert via.headers["content-type"] == direct.headers["content-type"]
@@ -59,31 +55,22 @@ async def test_streamed_chat_with_usage_is_byte_identical_and_probed(vllm_url, p
     url, app, engine = proxy
     body = {"model": "smollm2", "messages": PROMPT, "temperature": 0, "seed": 1, "max_tokens": 60,
             "stream": True, "stream_options": {"include_usage": True}}
-    direct, via = await _both(vllm_url, url, "/v1/chat/completions", body)
+    direct, via = await both(vllm_url, url, "/v1/chat/completions", body)
     assert masked(via.content) == masked(direct.content)
     assert via.content.endswith(b"data: [DONE]\n\n")
-    await asyncio.sleep(1.0)  # the record is written off the request path
-    with Session(engine) as s:
-        req = s.scalars(select(RequestRow).where(RequestRow.stream.is_(True))).one()
-        probes = s.scalars(select(ProbeRow).where(ProbeRow.request_id == req.id)).all()
-    assert req.status_code == 200 and req.completion_tokens == 60 and req.probed
-    ok = [p for p in probes if p.status == "ok"]
-    assert ok, f"no probe answered: {[(p.position, p.status) for p in probes]}"
-    assert all(p.position % 16 == 0 for p in probes)
-    assert all(0 < p.output_tokens <= 8 for p in ok)
-    assert app.metrics.probe_tokens >= sum(p.output_tokens for p in ok)
+    await assert_probed(app, engine, tokens=60, interval=16, max_tokens=8)
 
 
 async def test_completions_stream_n4_and_logprobs_pass_through(vllm_url, proxy):
     url, _, _ = proxy
     body = {"model": "smollm2", "prompt": "The capital of France is", "temperature": 0.7, "seed": 3,
             "max_tokens": 12, "n": 4, "logprobs": 2}
-    direct, via = await _both(vllm_url, url, "/v1/completions", body)
+    direct, via = await both(vllm_url, url, "/v1/completions", body)
     assert masked(via.content) == masked(direct.content)
     choices = via.json()["choices"]
     assert len(choices) == 4 and choices[0]["logprobs"]["top_logprobs"]
     stream = {**body, "stream": True}
-    direct, via = await _both(vllm_url, url, "/v1/completions", stream)
+    direct, via = await both(vllm_url, url, "/v1/completions", stream)
     # The engine interleaves the 4 streamed choices in an order of its own from one
     # request to the next, so each choice's events are compared, in order.
     assert per_choice(via.content) == per_choice(direct.content)
@@ -104,10 +91,10 @@ async def test_chat_logprobs_and_upstream_errors_pass_through(vllm_url, proxy):
     url, _, _ = proxy
     body = {"model": "smollm2", "messages": PROMPT, "temperature": 0, "max_tokens": 5,
             "logprobs": True, "top_logprobs": 3}
-    direct, via = await _both(vllm_url, url, "/v1/chat/completions", body)
+    direct, via = await both(vllm_url, url, "/v1/chat/completions", body)
     assert masked(via.content) == masked(direct.content)
     bad = {"model": "no-such-model", "messages": PROMPT}
-    direct, via = await _both(vllm_url, url, "/v1/chat/completions", bad)
+    direct, via = await both(vllm_url, url, "/v1/chat/completions", bad)
     assert via.status_code == direct.status_code == 404
     assert json.loads(via.content) == json.loads(direct.content)
 
