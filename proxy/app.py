@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from proxy.assemble import Usage, choice_body, completion, streaming_body
 from proxy.control import Control, Plan
-from proxy.enforce import OPT_HEADER, Mode, StopInfo, answer_text, tail_chunks
+from proxy.enforce import OPT_HEADER, Mode, StopInfo, answer_text, stop_extension, tail_chunks
 from proxy.equivalence import AsyncEquivalence
 from proxy.metrics import Metrics
-from proxy.observe import ResponseObserver
+from proxy.observe import ChoiceText, ResponseObserver
 from proxy.probe import ProbeSession, Prober
 from proxy.programs import PROGRAM_HEADER, Programs
 from proxy.record import build_record
@@ -59,6 +60,7 @@ class Exchange:
     mode: Mode = "observe"
     plan: Plan | None = None
     enforced: StopInfo | None = None  # set when the proxy ended the stream itself
+    assembled: bool = False  # a non-streamed request the proxy answers from an upstream stream
 
 
 class ProxyApp:
@@ -196,11 +198,16 @@ class ProxyApp:
                 await self._relay(scope, receive, send, raw, ex)
                 self._count(scope["path"], ex)
                 return
-            if stream and n == 1 and self._should_probe(kind, body, ex.mode):
+            ex.assembled = not stream and n == 1 and _assemblable(body, ex.mode)
+            if (stream or ex.assembled) and n == 1 and self._should_probe(kind, body, ex.mode):
                 ex.probes = self.prober.session(kind, body, _probe_headers(headers), ex.plan.policy,
                                                 enforcing=ex.mode == "enforce")
+            ex.assembled = ex.assembled and ex.probes is not None
+            if ex.assembled:  # the policy needs the generation as it grows
+                raw = json.dumps(streaming_body(body)).encode()
             interval = ex.probes.interval(self.settings.probe_interval) if ex.probes else 0
-            ex.observer = ResponseObserver(kind, stream, ex.probes.on_tokens if ex.probes else None,
+            ex.observer = ResponseObserver(kind, stream or ex.assembled,
+                                           ex.probes.on_tokens if ex.probes else None,
                                            interval or self.settings.probe_interval)
         await self._relay(scope, receive, send, raw, ex)
         if ex.probes is not None:
@@ -245,7 +252,11 @@ class ProxyApp:
             ex.finished = time.perf_counter()
 
     async def _stream(self, receive: Receive, send: Send, resp: Any, ex: Exchange) -> None:
-        """Relay the response body chunk by chunk; notice a client that goes away."""
+        """Relay the response body chunk by chunk; notice a client that goes away.
+
+        An assembled request's chunks are only observed; the client gets the whole
+        completion at the end.
+        """
         me = asyncio.current_task()
         assert me is not None
         gone = False
@@ -261,24 +272,27 @@ class ProxyApp:
         observer = ex.observer
         is_sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in resp.headers)
         enforcing = ex.probes if ex.probes is not None and ex.probes.enforcing and is_sse else None
+        assembling = ex.assembled and is_sse and resp.status == 200
+        headers = forwardable(resp.headers)
+        if enforcing is not None:
+            headers.append((b"x-dynasor-mode", b"enforce"))
         try:
-            headers = forwardable(resp.headers)
-            if enforcing is not None:
-                headers.append((b"x-dynasor-mode", b"enforce"))
-            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+            if not assembling:
+                await send({"type": "http.response.start", "status": resp.status, "headers": headers})
             async for chunk in resp.chunks():
                 if ex.ttft_s is None:
                     ex.ttft_s = time.perf_counter() - ex.started
                 if observer is not None:
                     observer.feed(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if not assembling:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if enforcing is not None and enforcing.stop is not None and resp.status == 200:
                     ex.enforced = enforcing.stop
                     break  # closing the response below aborts the upstream request
         except UpstreamError as exc:
             self.metrics.upstream_errors[exc.kind] += 1
             ex.error = str(exc)
-            if is_sse:  # the client still gets a well-formed end of stream
+            if is_sse and not assembling:  # the client still gets a well-formed end of stream
                 watcher.cancel()
                 await send({"type": "http.response.body", "body": error_frame(str(exc)), "more_body": True})
         except asyncio.CancelledError:
@@ -292,24 +306,54 @@ class ProxyApp:
         finally:
             watcher.cancel()
             await resp.aclose()
-        if ex.enforced is not None and not gone:
+        if gone:
+            return
+        if assembling:
+            await self._whole(send, ex, headers)
+            return
+        if ex.enforced is not None:
             await send({"type": "http.response.body", "body": await self._tail(ex), "more_body": True})
-        if not gone:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _stopped_text(self, ex: Exchange) -> tuple[int, str, int | None]:
+        """For a stopped request: tokens generated, the text that ends it, the prompt's tokens."""
+        assert ex.observer is not None and ex.enforced is not None and ex.body is not None
+        self.metrics.enforced_stops += 1
+        choice = ex.observer.live_choice(0)
+        text = answer_text(ex.enforced.answer, self.settings.answer_template,
+                           choice.content_text if choice else "")
+        prompt_tokens = await self._prompt_tokens(ex) if _wants_usage(ex) else None
+        return (choice.tokens if choice else 0), text, prompt_tokens
 
     async def _tail(self, ex: Exchange) -> bytes:
         """The end of a stream the policy stopped: the answer, finish_reason stop, [DONE]."""
         assert ex.observer is not None and ex.enforced is not None and ex.body is not None
-        self.metrics.enforced_stops += 1
-        choice = ex.observer.live_choice(0)
-        tokens = choice.tokens if choice else 0
-        text = answer_text(ex.enforced.answer, self.settings.answer_template,
-                           choice.content_text if choice else "")
-        options = ex.body.get("stream_options")
-        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        prompt_tokens = await self._prompt_tokens(ex) if include_usage else None
+        tokens, text, prompt_tokens = await self._stopped_text(ex)
         return tail_chunks(ex.kind, ex.observer.envelope, text, ex.enforced, tokens, prompt_tokens,
-                           include_usage)
+                           _wants_usage(ex))
+
+    async def _whole(self, send: Send, ex: Exchange, upstream_headers: Headers) -> None:
+        """The completion a non-streamed request asked for, from the stream the proxy watched."""
+        assert ex.observer is not None
+        outcome = ex.observer.finish()
+        headers = [(k, v) for k, v in upstream_headers if k not in (b"content-type", b"content-length")]
+        if ex.error is not None or outcome.error is not None:
+            ex.status = 502
+            message = ex.error or f"upstream error mid-generation: {outcome.error}"
+            await self._respond(send, 502, error_body(message, "upstream_error", 502), JSON_HEADERS + headers)
+            return
+        choice = ex.observer.live_choice(0) or ChoiceText(0)
+        field = ex.observer.reasoning_field
+        if ex.enforced is not None:
+            tokens, text, prompt_tokens = await self._stopped_text(ex)
+            part = choice_body(ex.kind, 0, choice, field, text, "stop")
+            body = completion(ex.kind, ex.observer.envelope, [part], Usage(prompt_tokens, tokens),
+                              stop_extension(ex.enforced, tokens))
+        else:
+            tokens = outcome.completion_tokens if outcome.completion_tokens is not None else choice.tokens
+            body = completion(ex.kind, ex.observer.envelope, [choice_body(ex.kind, 0, choice, field)],
+                              Usage(outcome.prompt_tokens, tokens))
+        await self._respond(send, 200, body, JSON_HEADERS + headers)
 
     async def _prompt_tokens(self, ex: Exchange) -> int | None:
         """The prompt's token count, from a one-token request (the prefix cache makes it cheap)."""
@@ -385,6 +429,19 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
+
+
+def _wants_usage(ex: Exchange) -> bool:
+    """Whether the response the client gets carries usage (a whole one always does)."""
+    options = (ex.body or {}).get("stream_options")
+    return ex.assembled or (isinstance(options, dict) and bool(options.get("include_usage")))
+
+
+def _assemblable(body: dict[str, Any], mode: Mode) -> bool:
+    """Whether a non-streamed request is answered from an upstream stream so the policy can
+    watch it: in shadow and enforce, unless it asks for what the proxy does not assemble."""
+    return mode in ("shadow", "enforce") and not any(
+        body.get(name) for name in ("tools", "functions", "logprobs", "top_logprobs", "echo"))
 
 
 def _header(headers: Headers, name: bytes) -> str | None:

@@ -67,6 +67,12 @@ def answer_text(answer: str | None, template: str, generated: str) -> str:
     return "\n\n" + body
 
 
+def stop_extension(stop: StopInfo, generated_tokens: int) -> dict[str, Any]:
+    """The `dynasor` field of a stopped response: where, with which answer, what was generated."""
+    return {"stopped": True, "stop_token": stop.position, "answer": stop.answer,
+            "generated_tokens": generated_tokens, "reason": stop.reason}
+
+
 def tail_chunks(kind: str, envelope: dict[str, Any], text: str, stop: StopInfo, generated_tokens: int,
                 prompt_tokens: int | None, include_usage: bool) -> bytes:
     """The SSE events that end a stopped stream, in the upstream's chunk shape, then [DONE]."""
@@ -82,9 +88,8 @@ def tail_chunks(kind: str, envelope: dict[str, Any], text: str, stop: StopInfo, 
     else:
         body = {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
         end = {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}
-    extension = {"stopped": True, "stop_token": stop.position, "answer": stop.answer,
-                 "generated_tokens": generated_tokens, "reason": stop.reason}
-    events = [{**base, "choices": [body]}, {**base, "choices": [end], "dynasor": extension}]
+    events = [{**base, "choices": [body]},
+              {**base, "choices": [end], "dynasor": stop_extension(stop, generated_tokens)}]
     if include_usage:
         usage = {"prompt_tokens": prompt_tokens or 0, "completion_tokens": generated_tokens,
                  "total_tokens": (prompt_tokens or 0) + generated_tokens}

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.dialect import error_message, reasoning_of
+from proxy.dialect import REASONING_FIELDS, error_message, reasoning_of
 from proxy.sse import SseReader
 
 
@@ -61,6 +61,7 @@ class ResponseObserver:
         self._sse = SseReader() if stream and on_tokens is not None else None
         self._out = Outcome(choices={}, finish_order=[])
         self.envelope: dict[str, Any] = {}  # id, object, created, model of the stream
+        self.reasoning_field: str | None = None  # where the server put reasoning text
 
     def feed(self, chunk: bytes) -> None:
         if self._sse is None:
@@ -142,6 +143,8 @@ class ResponseObserver:
             else:
                 content, reasoning = part.get("text") or "", ""
             if content or reasoning:
+                if reasoning and self.reasoning_field is None:
+                    self.reasoning_field = next(n for n in REASONING_FIELDS if said.get(n))
                 choice.content.append(content)
                 choice.reasoning.append(reasoning)
                 choice.tokens += stream
