@@ -17,9 +17,9 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Footer, Input, Label, Sparkline, Static
+from textual.widgets import DataTable, Footer, Input, Sparkline, Static
 
+from dynasorctl.dashboard.screens import Ask, Confirmation, ConfirmScreen
 from dynasorctl.dashboard.source import (
     Filters,
     RequestSummary,
@@ -29,7 +29,7 @@ from dynasorctl.dashboard.source import (
     Timeline,
     Traffic,
 )
-from proxy.rollout import NEEDS_POLICY, RolloutError
+from proxy.rollout import NEEDS_POLICY, RolloutError, ScopeState
 
 BLOCKS = " ▁▂▃▄▅▆▇█"
 PROXY_TIMEOUT_S = 1.0
@@ -45,54 +45,6 @@ class Snapshot:
     rollout: Rollout | None = None
     proxy: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Confirmation:
-    reason: str
-    scope: str | None = None
-
-
-class ConfirmScreen(ModalScreen[Confirmation | None]):
-    """Asks for a reason (and a scope, for promote); dismissed with None on cancel."""
-
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
-
-    def __init__(self, title: str, scope: str | None = None) -> None:
-        super().__init__()
-        self._title = title
-        self._scope = scope
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
-            yield Label(self._title, id="question")
-            if self._scope is not None:
-                yield Input(self._scope, placeholder='scope: "*", model:NAME or key:NAME', id="scope")
-            yield Input(placeholder="reason (kept in the audit trail)", id="reason")
-            with Horizontal(id="buttons"):
-                yield Button("Confirm", variant="error", id="confirm")
-                yield Button("Cancel", id="cancel")
-
-    def on_mount(self) -> None:
-        self.query_one("#reason", Input).focus()
-
-    def _confirm(self) -> None:
-        scope = self.query_one("#scope", Input).value.strip() if self._scope is not None else None
-        self.dismiss(Confirmation(self.query_one("#reason", Input).value, scope))
-
-    @on(Input.Submitted, "#reason")
-    def _submitted(self) -> None:
-        self._confirm()
-
-    @on(Button.Pressed)
-    def _pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "confirm":
-            self._confirm()
-        else:
-            self.dismiss(None)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
 
 
 def _traffic_text(t: Traffic | None, proxy: dict[str, Any] | None) -> Text:
@@ -185,6 +137,8 @@ class DashboardApp(App[None]):
     """
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("p", "promote", "Promote"),
+        Binding("e", "set_percent", "Enforce %"),
+        Binding("s", "switch_policy", "Policy"),
         Binding("k", "kill", "Kill"),
         Binding("r", "refresh", "Refresh"),
         Binding("slash", "focus_filter", "Filter"),
@@ -336,37 +290,66 @@ class DashboardApp(App[None]):
         live = [s.scope for s in r.scopes if s.mode in NEEDS_POLICY] if r else []
         return live[0] if live else "*"
 
-    def action_promote(self) -> None:
+    def _current(self, scope: str) -> ScopeState | None:
+        r = self.snapshot.rollout
+        return next((s for s in r.scopes if s.scope == scope), None) if r else None
+
+    def _ask(self, what: str, title: str, ask: Ask | None = None, scoped: bool = True) -> None:
+        """Confirmation and a reason first; then the change, in a worker."""
         def done(answer: Confirmation | None) -> None:
             if answer is not None:
-                self._change("promote", answer)
+                self._change(what, answer)
 
-        self.push_screen(ConfirmScreen("Promote: the next step of the enforce ladder "
-                                       "(1, 5, 10, 25, 50, 100%)", self._default_scope()), done)
+        self.push_screen(ConfirmScreen(title, self._default_scope() if scoped else None, ask),
+                         done)
+
+    def action_promote(self) -> None:
+        self._ask("promote", "Promote: the next step of the enforce ladder (1, 5, 10, 25, 50, 100%)")
+
+    def action_set_percent(self) -> None:
+        current = self._current(self._default_scope())
+        shown = f"{current.percent:g}" if current is not None else ""
+        self._ask("set percent", "Enforce at a percentage: the scope enforces this share of its "
+                  "requests and shadows the rest", Ask("percentage enforced, 0-100", shown))
+
+    def action_switch_policy(self) -> None:
+        self._ask("switch policy", "Switch policy: the scope's shadow and enforce decisions use "
+                  "this stored policy from now on", Ask('policy id, or "latest"', "latest"))
 
     def action_kill(self) -> None:
-        def done(answer: Confirmation | None) -> None:
-            if answer is not None:
-                self._change("kill", answer)
-
-        self.push_screen(ConfirmScreen("Kill: every shadowed or enforced scope back to observe"),
-                         done)
+        self._ask("kill", "Kill: every shadowed or enforced scope back to observe", scoped=False)
 
     @work(thread=True, exclusive=True, group="change")
     def _change(self, what: str, answer: Confirmation) -> None:
+        scope = answer.scope or "*"
         try:
-            if what == "promote":
-                s = self.source.promote(answer.scope or "*", answer.reason)
-                message = f"scope {s.scope!r}: {s.mode} {s.percent:g}%"
-            else:
+            if what == "kill":
                 changed = self.source.kill(answer.reason)
                 message = f"killed: {', '.join(s.scope for s in changed) or 'nothing to change'}"
+            else:
+                if what == "promote":
+                    s = self.source.promote(scope, answer.reason)
+                elif what == "set percent":
+                    s = self.source.set_percent(scope, parse_percent(answer.value or ""),
+                                                answer.reason)
+                else:
+                    s = self.source.switch_policy(scope, answer.value or "", answer.reason)
+                policy = "none" if s.policy_id is None else f"{s.policy_id} (v{s.policy_version})"
+                message = f"scope {s.scope!r}: {s.mode} {s.percent:g}%, policy {policy}"
         except (RolloutError, SourceError) as exc:
             self.call_from_thread(self.notify, str(exc), title=f"{what} refused",
                                   severity="error")
             return
         self.call_from_thread(self.notify, message, title=what)
         self.call_from_thread(self.action_refresh)
+
+
+def parse_percent(text: str) -> float:
+    """The percentage typed in the dialog; RolloutError (as the rules say it) if it is none."""
+    try:
+        return float(text)
+    except ValueError:
+        raise RolloutError(f"percent must be a number from 0 to 100, not {text!r}") from None
 
 
 def create_app(source: StoreSource, proxy_url: str | None = None, *,

@@ -144,7 +144,7 @@ def _outcome() -> ColumnElement[str]:
 
 
 class StoreSource:
-    """The dashboard's reads over one store engine, and the two rollout changes it offers."""
+    """The dashboard's reads over one store engine, and the rollout changes it offers."""
 
     def __init__(self, engine: Engine, clock: Clock | None = None,
                  policy: CotPolicy = PAPER_DEFAULT) -> None:
@@ -287,6 +287,17 @@ class StoreSource:
         """One step up the ladder for `scope`; RolloutError if the rules refuse it."""
         return self._run(lambda: rollout.promote(self.engine, scope, reason=reason,
                                                  who=rollout.current_user()))
+
+    def set_percent(self, scope: str, percent: float, reason: str) -> ScopeState:
+        """Enforce `percent` of `scope`'s requests (`rollout set --mode enforce --percent`)."""
+        return self._run(lambda: rollout.set_scope(self.engine, scope, mode="enforce",
+                                                   percent=percent, reason=reason,
+                                                   who=rollout.current_user()))
+
+    def switch_policy(self, scope: str, policy: str, reason: str) -> ScopeState:
+        """`scope` decides with stored policy `policy` (an id or "latest"; `rollout set --policy`)."""
+        return self._run(lambda: rollout.set_scope(self.engine, scope, policy=policy,
+                                                   reason=reason, who=rollout.current_user()))
 
     def kill(self, reason: str) -> list[ScopeState]:
         """Every shadowed or enforced scope back to observe; the scopes changed."""

@@ -209,6 +209,74 @@ async def test_promote_steps_the_ladder(source, engine):
     assert rollout.history(engine, limit=1)[0].reason == "looks good"
 
 
+async def _answer(pilot, key: str, value: str | None, reason: str) -> None:
+    """Open a change's dialog with `key`, replace the proposed value, give the reason, confirm."""
+    await pilot.press(key)
+    await pilot.pause()
+    if value is not None:
+        proposed = pilot.app.screen.query_one("#value").value
+        await pilot.press(*["backspace"] * len(proposed), *value, "enter")
+    await pilot.press(*reason, "enter")
+    await _settle(pilot)
+
+
+async def test_set_percent_enforces_that_share_with_an_audited_reason(source, engine):
+    app = _app(source)
+    async with app.run_test() as pilot:
+        await _settle(pilot)
+        await _answer(pilot, "e", "30", "more traffic")
+        assert "enforce 30%" in str(app.query_one("#rollout-text").render())
+    state = rollout.load_state(engine).scopes["*"]
+    assert (state.mode, state.percent, state.policy_id) == ("enforce", 30.0, 1)
+    (change,) = rollout.history(engine, limit=1)
+    assert (change.field, change.previous, change.new, change.reason) == (
+        "percent", "10", "30", "more traffic")
+
+
+@pytest.mark.parametrize(("typed", "says"), [("150", "percent must be from 0 to 100, not 150"),
+                                             ("-1", "percent must be from 0 to 100, not -1"),
+                                             ("lots", "must be a number from 0 to 100, not 'lots'")])
+async def test_set_percent_outside_0_to_100_is_refused(source, engine, typed, says):
+    before = rollout.history(engine)
+    app = _app(source)
+    errors = _errors(app)
+    async with app.run_test() as pilot:
+        await _settle(pilot)
+        await _answer(pilot, "e", typed, "try it")
+    assert len(errors) == 1 and says in errors[0]
+    assert rollout.load_state(engine).scopes["*"].percent == 10.0
+    assert rollout.history(engine) == before
+
+
+async def test_switch_policy_to_another_stored_version(source, engine):
+    with engine.begin() as conn:
+        conn.execute(insert(PolicyRow), [{"kind": "cot", "model": "*", "version": 2,
+                                          "policy_toml": POLICY, "source": "test",
+                                          "created_at": NOW}])
+    app = _app(source)
+    async with app.run_test() as pilot:
+        await _settle(pilot)
+        await _answer(pilot, "s", "2", "recalibrated")
+        assert "policy 2 (v2)" in str(app.query_one("#rollout-text").render())
+    state = rollout.load_state(engine).scopes["*"]
+    assert (state.mode, state.percent, state.policy_id) == ("enforce", 10.0, 2)
+    (change,) = rollout.history(engine, limit=1)
+    assert (change.field, change.previous, change.new, change.reason) == (
+        "policy", "1", "2", "recalibrated")
+
+
+async def test_switch_to_a_policy_that_does_not_exist_is_refused(source, engine):
+    before = rollout.history(engine)
+    app = _app(source)
+    errors = _errors(app)
+    async with app.run_test() as pilot:
+        await _settle(pilot)
+        await _answer(pilot, "s", "99", "typo")
+    assert len(errors) == 1 and "no policy 99 in the store" in errors[0]
+    assert rollout.load_state(engine).scopes["*"].policy_id == 1
+    assert rollout.history(engine) == before
+
+
 async def test_broken_store_shows_banner_and_keeps_running(tmp_path):
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"this is not sqlite" * 100)
