@@ -41,6 +41,11 @@ class RequestRow(Base):
     """One client request relayed to the upstream."""
 
     __tablename__ = "requests"
+    __table_args__ = (  # newest first by model, mode or policy (the dashboard's reads)
+        Index("ix_requests_model_created_at", "model", "created_at"),
+        Index("ix_requests_mode_created_at", "mode", "created_at"),
+        Index("ix_requests_policy_created_at", "policy", "created_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
