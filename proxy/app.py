@@ -18,16 +18,18 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from proxy.assemble import Usage, choice_body, completion, streaming_body
+from proxy.assemble import SampleStream, Usage, choice_body, completion, streaming_body
 from proxy.control import Control, Plan
 from proxy.enforce import OPT_HEADER, Mode, StopInfo, answer_text, stop_extension, tail_chunks
 from proxy.equivalence import AsyncEquivalence
 from proxy.metrics import Metrics
 from proxy.observe import ChoiceText, ResponseObserver
+from proxy.policy import ScPolicy
 from proxy.probe import ProbeSession, Prober
 from proxy.programs import PROGRAM_HEADER, Programs
-from proxy.record import build_record
+from proxy.record import build_record, decision_of
 from proxy.recorder import Record, Recorder, write_records
+from proxy.samples import ProgramResult, ProgramRun, Sample, program_extension, program_outcome
 from proxy.settings import Settings
 from proxy.sse import error_body, error_frame
 from proxy.upstream import Headers, HttpUpstream, Upstream, UpstreamError, forwardable
@@ -61,6 +63,7 @@ class Exchange:
     plan: Plan | None = None
     enforced: StopInfo | None = None  # set when the proxy ended the stream itself
     assembled: bool = False  # a non-streamed request the proxy answers from an upstream stream
+    program: ProgramResult | None = None  # the samples of a request run under a self-consistency policy
 
 
 class ProxyApp:
@@ -192,11 +195,15 @@ class ProxyApp:
             ex.program_id = _header(headers, PROGRAM_HEADER) or (ex.request_id if n > 1 else None)
             model = body.get("model") if isinstance(body.get("model"), str) else None
             ex.plan = self.control.plan(model, _header(headers, b"authorization"),
-                                        ex.program_id or ex.request_id, _header(headers, OPT_HEADER))
+                                        ex.program_id or ex.request_id, _header(headers, OPT_HEADER), n)
             ex.mode = ex.plan.mode
             if ex.mode == "off":  # the client opted out: a plain relay, not recorded
                 await self._relay(scope, receive, send, raw, ex)
                 self._count(scope["path"], ex)
+                return
+            if ex.plan.sc is not None and _assemblable(body, ex.mode) and self._should_probe(kind, body, ex.mode):
+                await self._program(scope, receive, send, ex, ex.plan.sc)
+                self._after(scope, ex)
                 return
             ex.assembled = not stream and n == 1 and _assemblable(body, ex.mode)
             if (stream or ex.assembled) and n == 1 and self._should_probe(kind, body, ex.mode):
@@ -212,8 +219,12 @@ class ProxyApp:
         await self._relay(scope, receive, send, raw, ex)
         if ex.probes is not None:
             await ex.probes.close()
+        self._after(scope, ex)
+
+    def _after(self, scope: Scope, ex: Exchange) -> None:
+        """Count the request and record it, off the request path."""
         self._count(scope["path"], ex)
-        if body is not None and self.recorder is not None:
+        if ex.body is not None and self.recorder is not None:
             task = asyncio.create_task(self._finalize(ex))
             self._finalizing.add(task)
             task.add_done_callback(self._finalizing.discard)
@@ -257,18 +268,7 @@ class ProxyApp:
         An assembled request's chunks are only observed; the client gets the whole
         completion at the end.
         """
-        me = asyncio.current_task()
-        assert me is not None
-        gone = False
-
-        async def watch() -> None:
-            nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            me.cancel()
-
-        watcher = asyncio.create_task(watch())
+        client = Departure(receive)
         observer = ex.observer
         is_sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in resp.headers)
         enforcing = ex.probes if ex.probes is not None and ex.probes.enforcing and is_sse else None
@@ -293,20 +293,17 @@ class ProxyApp:
             self.metrics.upstream_errors[exc.kind] += 1
             ex.error = str(exc)
             if is_sse and not assembling:  # the client still gets a well-formed end of stream
-                watcher.cancel()
+                client.stop()
                 await send({"type": "http.response.body", "body": error_frame(str(exc)), "more_body": True})
         except asyncio.CancelledError:
-            if not gone:
-                raise
-            me.uncancel()
-            ex.error, ex.status = "client disconnected", 499
+            client.left(ex)
         except OSError:  # some servers raise on send() to a closed connection
-            gone = True
-            ex.error, ex.status = "client disconnected", 499
+            client.gone = True
+            client.left(ex)
         finally:
-            watcher.cancel()
+            client.stop()
             await resp.aclose()
-        if gone:
+        if client.gone:
             return
         if assembling:
             await self._whole(send, ex, headers)
@@ -314,6 +311,84 @@ class ProxyApp:
         if ex.enforced is not None:
             await send({"type": "http.response.body", "body": await self._tail(ex), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _program(self, scope: Scope, receive: Receive, send: Send, ex: Exchange,
+                       policy: ScPolicy) -> None:
+        """A request of several samples under a self-consistency policy (see proxy.samples)."""
+        assert ex.body is not None
+        enforcing = ex.mode == "enforce"
+        headers: Headers = scope["headers"]
+        run = ProgramRun(self.upstream, self.prober, self.equivalence, ex.kind, scope["path"], ex.body,
+                         headers, _probe_headers(headers), policy, enforcing,
+                         self.settings.sc_parallel or policy.min_samples)
+        stream = SampleStream() if ex.body.get("stream") else None
+        started = False
+
+        async def finished(sample: Sample) -> None:
+            nonlocal started
+            if ex.ttft_s is None:
+                ex.ttft_s = time.perf_counter() - ex.started
+            if stream is None:
+                return
+            if not started:
+                out = [(k, v) for k, v in forwardable(sample.headers) if k != b"content-length"]
+                if enforcing:
+                    out.append((b"x-dynasor-mode", b"enforce"))
+                await send({"type": "http.response.start", "status": 200, "headers": out})
+                started = True
+            await send({"type": "http.response.body", "body": stream.sample(sample.chunks), "more_body": True})
+
+        client = Departure(receive)
+        self.metrics.active_streams += 1
+        try:
+            result = await run.run(finished)
+        except asyncio.CancelledError:
+            client.left(ex)
+            return
+        except OSError:
+            client.gone = True
+            client.left(ex)
+            return
+        finally:
+            client.stop()
+            self.metrics.active_streams -= 1
+            ex.finished = time.perf_counter()
+        ex.program = result
+        if result.failed is not None:
+            await self._program_failed(send, ex, result.failed, started)
+            return
+        ex.status = 200
+        if enforcing and result.decided_at is not None and len(result.finished) < result.requested:
+            self.metrics.enforced_stops += 1
+            ex.enforced = decision_of(ex)
+        extension = program_extension(result) if enforcing else None
+        usage = Usage(result.prompt_tokens, result.generated_tokens)
+        if stream is not None:
+            include = _wants_usage(ex)
+            await send({"type": "http.response.body", "body": stream.end(usage if include else None, extension),
+                        "more_body": False})
+            return
+        first = result.finished[0].observer
+        choices = [choice_body(ex.kind, i, s.observer.finish().choices[0], s.observer.reasoning_field)
+                   for i, s in enumerate(result.finished)]
+        forwarded = [(k, v) for k, v in forwardable(result.finished[0].headers)
+                     if k not in (b"content-type", b"content-length")]
+        if enforcing:
+            forwarded.append((b"x-dynasor-mode", b"enforce"))
+        await self._respond(send, 200, completion(ex.kind, first.envelope, choices, usage, extension),
+                            JSON_HEADERS + forwarded)
+
+    async def _program_failed(self, send: Send, ex: Exchange, failed: Sample, started: bool) -> None:
+        """A sample the upstream failed fails the request, as it would have failed upstream."""
+        ex.status, ex.error = failed.status if failed.status != 200 else 502, failed.error
+        if started:
+            await send({"type": "http.response.body", "body": error_frame(failed.error or "upstream error"),
+                        "more_body": False})
+        elif failed.error_body:
+            await self._respond(send, failed.status, failed.error_body, forwardable(failed.headers))
+        else:
+            await self._respond(send, ex.status, error_body(failed.error or "upstream error", "upstream_error",
+                                                            ex.status), JSON_HEADERS)
 
     async def _stopped_text(self, ex: Exchange) -> tuple[int, str, int | None]:
         """For a stopped request: tokens generated, the text that ends it, the prompt's tokens."""
@@ -376,7 +451,10 @@ class ProxyApp:
     async def _finalize(self, ex: Exchange) -> None:
         """Turn what was observed into a record (off the request path) and queue it."""
         try:
-            outcome = ex.observer.finish() if ex.observer else None
+            if ex.program is not None:
+                outcome = program_outcome(ex.program)
+            else:
+                outcome = ex.observer.finish() if ex.observer else None
             record = await build_record(ex, outcome, self)
         except Exception:  # a record must never take the proxy down; say what failed
             log.exception("could not build the record of request %s", ex.request_id)
@@ -385,7 +463,7 @@ class ProxyApp:
         self.recorder.put(record)
         if ex.plan is not None:
             req = record.request
-            stop = ex.probes.stop if ex.probes else None
+            stop = decision_of(ex)
             await self.control.judge(ex.plan, ex.status != 200 or ex.error is not None,
                                      ex.finished - ex.started, stop.answer if stop else None,
                                      req["final_answer"], stop is not None)
@@ -399,6 +477,33 @@ class ProxyApp:
     async def _respond(send: Send, status: int, body: bytes, headers: Headers) -> None:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+class Departure:
+    """Watches for the client going away; then cancels the task serving it."""
+
+    def __init__(self, receive: Receive) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        self._me = me
+        self.gone = False
+        self._watcher = asyncio.create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        self._me.cancel()
+
+    def left(self, ex: Exchange) -> None:
+        """Called on cancellation: a departed client ends the request; anything else goes on."""
+        if not self.gone:
+            raise asyncio.CancelledError
+        self._me.uncancel()
+        ex.error, ex.status = "client disconnected", 499
+
+    def stop(self) -> None:
+        self._watcher.cancel()
 
 
 def create_app(

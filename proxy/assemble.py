@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.observe import ChoiceText
+from proxy.sse import SseReader
 
 
 def streaming_body(body: dict[str, Any]) -> dict[str, Any]:
@@ -66,3 +67,50 @@ def completion(kind: str, envelope: dict[str, Any], choices: list[dict[str, Any]
     if extension is not None:
         body["dynasor"] = extension
     return json.dumps(body, ensure_ascii=False).encode()
+
+
+class SampleStream:
+    """What a streaming client of several samples gets: each finished sample's chunks, in turn.
+
+    A sample's chunks are re-indexed to its place among the samples sent (0, 1, ...)
+    and carry the first sample's id, so the stream reads as one response; the
+    samples' own usage chunks give way to one for the whole request at the end.
+    """
+
+    def __init__(self) -> None:
+        self.envelope: dict[str, Any] = {}
+        self.sent = 0
+
+    def sample(self, chunks: list[bytes]) -> bytes:
+        index, self.sent = self.sent, self.sent + 1
+        out = []
+        for data in SseReader().feed(b"".join(chunks) + b"\n\n"):
+            if data == b"[DONE]":
+                continue
+            try:
+                event = json.loads(data)
+            except ValueError:
+                continue
+            if not isinstance(event, dict) or not event.get("choices"):
+                continue
+            if not self.envelope:
+                self.envelope = {k: event[k] for k in ("id", "object", "created", "model") if k in event}
+            event.update(self.envelope)
+            for part in event["choices"]:
+                part["index"] = index
+            out.append(_frame(event))
+        return b"".join(out)
+
+    def end(self, usage: Usage | None, extension: dict[str, Any] | None) -> bytes:
+        """The last event (usage and the `dynasor` field, where wanted), then [DONE]."""
+        event: dict[str, Any] = {**self.envelope, "choices": []}
+        if usage is not None:
+            event["usage"] = usage.as_dict()
+        if extension is not None:
+            event["dynasor"] = extension
+        last = _frame(event) if usage is not None or extension is not None else b""
+        return last + b"data: [DONE]\n\n"
+
+
+def _frame(event: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"

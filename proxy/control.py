@@ -21,7 +21,7 @@ from proxy import rollout
 from proxy.enforce import Mode, choose
 from proxy.guardrails import Guardrails
 from proxy.metrics import Metrics
-from proxy.policy import CotPolicy, PolicyFile, PolicyFileError, load_policy_file, parse_policy_file, select_policy
+from proxy.policy import CotPolicy, PolicyFile, ScPolicy, PolicyFileError, load_policy_file, parse_policy_file, select_policy
 from proxy.settings import Settings
 
 if TYPE_CHECKING:
@@ -36,9 +36,10 @@ class Plan:
 
     scope: str
     mode: Mode
-    policy: CotPolicy | None
+    policy: CotPolicy | None  # for single-sample requests
     policy_name: str | None
     scope_mode: str = "observe"  # what the scope is set to (enforce covers shadowed requests too)
+    sc: ScPolicy | None = None  # for requests of several samples (n > 1)
 
 
 def key_name(authorization: str | None) -> str | None:
@@ -96,8 +97,13 @@ class Control:
             await self.refresh()
 
     def plan(self, model: str | None, authorization: str | None, program_key: str,
-             opt: str | None) -> Plan:
-        """The treatment of one request (pure: no I/O)."""
+             opt: str | None, samples: int = 1) -> Plan:
+        """The treatment of one request of `samples` samples (pure: no I/O).
+
+        A scope's policy is a chain-of-thought policy (it governs single-sample
+        requests) or a self-consistency one (requests of several samples); requests
+        it does not govern stay in observe.
+        """
         scope_state = (rollout.resolve(self.state, model, key_name(authorization))
                        if self.state is not None and self.state.scopes else None)
         if scope_state is None:
@@ -108,14 +114,16 @@ class Control:
             scope, scope_mode, percent = scope_state.scope, scope_state.mode, scope_state.percent
             chosen = self._policy(scope_state)
             name = f"policy {scope_state.policy_id}" if scope_state.policy_id is not None else None
-        policy = chosen.cot if chosen is not None and chosen.applies_to(model) else None
+        applies = chosen is not None and chosen.applies_to(model)
+        policy = chosen.cot if applies and chosen is not None and samples == 1 else None
+        sc = chosen.sc if applies and chosen is not None and samples > 1 else None
         mode = choose(scope_mode, percent, program_key, opt, self.settings.allow_opt_in)  # type: ignore[arg-type]
-        if mode in ("shadow", "enforce") and policy is None:
+        if mode in ("shadow", "enforce") and policy is None and sc is None:
             mode = "observe"
         watch = self.guardrails.scopes.get(scope)
         if mode == "enforce" and watch is not None and watch.tripped:
             mode = "shadow"  # tripped here: do not wait for the store to say so
-        return Plan(scope, mode, policy, name if mode in ("shadow", "enforce") else None, scope_mode)
+        return Plan(scope, mode, policy, name if mode in ("shadow", "enforce") else None, scope_mode, sc)
 
     def _policy(self, s: rollout.ScopeState) -> PolicyFile | None:
         if s.policy_id is None or s.policy_toml is None:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from proxy.certaindex import extract_boxed
+from proxy.enforce import StopInfo
 from proxy.observe import ChoiceText, Outcome
 from proxy.programs import FinishedSample
 from proxy.recorder import Record
@@ -37,6 +38,15 @@ def prompt_hash(kind: str, body: dict[str, Any]) -> str:
     return _sha(prompt_text(kind, body))
 
 
+def decision_of(ex: Exchange) -> StopInfo | None:
+    """Where the policy stopped (or would have): a probe position, or for a request of several
+    samples the number of answers it had read."""
+    if ex.program is not None:
+        p = ex.program
+        return StopInfo(p.decided_at, p.answer, p.reason) if p.decided_at is not None else None
+    return ex.probes.stop if ex.probes else None
+
+
 async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> Record:
     body = ex.body or {}
     now = datetime.now(UTC)
@@ -49,7 +59,7 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
     if tokens:
         app.metrics.main_tokens += tokens
     probes = ex.probes.results if ex.probes else []
-    stop = ex.probes.stop if ex.probes else None
+    stop = decision_of(ex)
     if stop is not None and ex.enforced is None:
         app.metrics.shadow_stops += 1
     prompt = prompt_text(ex.kind, body)
@@ -72,7 +82,8 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
         "prompt_tokens": outcome.prompt_tokens if outcome else None,
         "completion_tokens": tokens,
         "finish_reason": first.finish_reason if first else None,
-        "final_answer": final_answer(first) if first else None,
+        "final_answer": (ex.program.final_answer if ex.program is not None
+                         else final_answer(first) if first else None),
         "latency_ms": (ex.finished - ex.started) * 1000,
         "ttft_ms": ex.ttft_s * 1000 if ex.ttft_s is not None else None,
         "program_id": ex.program_id,

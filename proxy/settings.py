@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     enforce_percent: float = Field(
         100.0, ge=0.0, le=100.0, description="share of programs enforced; the rest are shadowed"
     )
+    sc_parallel: int = Field(
+        0, ge=0, description="enforced self-consistency: samples generated at once "
+        "(0: the policy's min_samples); fewer saves more, more answers sooner"
+    )
     allow_opt_in: bool = Field(False, description="honour `X-Dynasor: enforce` from clients")
     answer_template: str = Field(
         "**Final Answer**\n\\boxed{{{answer}}}",
