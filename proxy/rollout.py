@@ -195,22 +195,23 @@ def _check_who(who: str) -> str:
 
 
 def _policy_id(conn: Connection, scope: str, policy: int | str) -> int:
-    """The policies row `policy` names (an id, or "latest"), checked to suit `scope`."""
+    """The policies row `policy` names (an id, "latest" or "latest-sc"), checked to suit `scope`."""
     model = scope_model(scope)
-    if isinstance(policy, str) and policy.strip().lower() == "latest":
+    latest = {"latest": "cot", "latest-sc": "sc"}.get(policy.strip().lower()) if isinstance(policy, str) else None
+    if latest is not None:
         p = PolicyRow
         for candidate in ([model] if model else []) + ["*"]:
-            found = conn.scalar(select(p.id).where(p.kind == "cot", p.model == candidate)
+            found = conn.scalar(select(p.id).where(p.kind == latest, p.model == candidate)
                                 .order_by(p.version.desc()).limit(1))
             if found is not None:
                 return _suitable(conn, scope, found)
         where = f"model {model!r} or for every model" if model else "every model (\"*\")"
-        raise RolloutError(f"no chain-of-thought policy for {where} in the store: "
+        raise RolloutError(f"no {KIND_NAMES[latest]} policy for {where} in the store: "
                            "calibrate one first (dynasorctl calibrate)")
     if isinstance(policy, str) and policy.strip().isascii() and policy.strip().isdigit():
         policy = int(policy.strip())
     if isinstance(policy, bool) or not isinstance(policy, int):
-        raise RolloutError(f'policy must be a policy id or "latest", not {policy!r}')
+        raise RolloutError(f'policy must be a policy id, "latest" or "latest-sc", not {policy!r}')
     return _suitable(conn, scope, policy)
 
 
@@ -219,16 +220,13 @@ def _suitable(conn: Connection, scope: str, policy_id: int) -> int:
                        .where(PolicyRow.id == policy_id)).one_or_none()
     if row is None:
         raise RolloutError(f"no policy {policy_id} in the store")
-    if row.kind != "cot":
-        raise RolloutError(f"policy {policy_id} is a {KIND_NAMES.get(row.kind, row.kind)} "
-                           "policy; rollout takes chain-of-thought (cot) policies")
     try:
         parsed = parse_policy_file(row.policy_toml, f"policy {policy_id}")
     except PolicyFileError as exc:
         raise RolloutError(f"{exc}; it cannot be rolled out") from exc
-    if parsed.kind != "cot":
-        raise RolloutError(f"policy {policy_id} holds a {KIND_NAMES[parsed.kind]} policy file; "
-                           "rollout takes chain-of-thought (cot) policies")
+    if parsed.kind != row.kind:
+        raise RolloutError(f"policy {policy_id} is stored as {KIND_NAMES.get(row.kind, row.kind)} "
+                           f"but holds a {KIND_NAMES[parsed.kind]} policy file; it cannot be rolled out")
     # A policy is certified on its model's data only: it may not reach other models.
     if parsed.model != "*" and parsed.model != scope_model(scope):
         raise RolloutError(f"policy {policy_id} is for model {parsed.model!r} only: use it at "
@@ -238,8 +236,8 @@ def _suitable(conn: Connection, scope: str, policy_id: int) -> int:
 
 def _check_complete(scope: str, after: _Fields) -> None:
     if after.mode in NEEDS_POLICY and after.policy_id is None:
-        raise RolloutError(f"scope {scope!r}: {after.mode} needs a chain-of-thought policy; "
-                           'choose one by its id or as "latest"')
+        raise RolloutError(f"scope {scope!r}: {after.mode} needs a policy; "
+                           'choose one by its id, as "latest" or as "latest-sc"')
 
 
 # --- writing ----------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def test_latest_is_the_newest_policy_of_the_scopes_model_else_for_every_model(
     star1, star2 = add_policy(engine), add_policy(engine)
     a1 = add_policy(engine, model="a")
     a2 = add_policy(engine, model="a")
-    add_policy(engine, model="b", kind="sc")  # not a chain-of-thought policy: never "latest"
+    sc_b = add_policy(engine, model="b", kind="sc")  # a self-consistency policy: "latest-sc" only
     star3 = add_policy(engine)  # newer than a's, but a's own policies come first
     assert star1 < star2 < a1 < a2 < star3
     assert rollout.set_scope(engine, "model:a", policy="latest", reason="r",
@@ -197,6 +197,10 @@ def test_latest_is_the_newest_policy_of_the_scopes_model_else_for_every_model(
     assert rollout.set_scope(engine, "*", policy="latest", reason="r", who=WHO).policy_id == star3
     assert rollout.set_scope(engine, "key:k", policy="latest", reason="r",
                              who=WHO).policy_id == star3
+    assert rollout.set_scope(engine, "model:b", policy="latest-sc", reason="r",
+                             who=WHO).policy_id == sc_b
+    with pytest.raises(RolloutError, match=r"no self-consistency \(sc\) policy for model 'a'"):
+        rollout.set_scope(engine, "model:a", policy="latest-sc", reason="r", who=WHO)
 
 
 def test_a_policy_id_may_be_given_as_text(engine: Engine) -> None:
@@ -227,7 +231,6 @@ def test_scope_names_may_hold_any_printable_characters(engine: Engine, scope: st
 
 def _refusals(engine: Engine) -> dict[str, tuple[dict, str]]:
     cot = add_policy(engine)
-    sc = add_policy(engine, kind="sc")
     other = add_policy(engine, model="other")
     return {
         "empty scope": ({"scope": ""}, "scope must be"),
@@ -246,15 +249,14 @@ def _refusals(engine: Engine) -> dict[str, tuple[dict, str]]:
         "inf percent": ({"percent": float("inf")}, "from 0 to 100"),
         "bool percent": ({"percent": True}, "must be a number"),
         "text percent": ({"percent": "5"}, "must be a number"),
-        "shadow without policy": ({"mode": "shadow"}, "shadow needs a chain-of-thought policy"),
+        "shadow without policy": ({"mode": "shadow"}, "shadow needs a policy"),
         "enforce without policy": ({"mode": "enforce", "percent": 5},
-                                   "enforce needs a chain-of-thought policy"),
+                                   "enforce needs a policy"),
         "unknown policy id": ({"policy": 999}, "no policy 999 in the store"),
         "unknown policy text id": ({"policy": "999"}, "no policy 999 in the store"),
-        "policy not an id": ({"policy": "newest"}, 'policy id or "latest"'),
-        "negative policy id": ({"policy": "-1"}, 'policy id or "latest"'),
-        "bool policy": ({"policy": True}, 'policy id or "latest"'),
-        "sc policy": ({"mode": "shadow", "policy": sc}, r"is a self-consistency \(sc\) policy"),
+        "policy not an id": ({"policy": "newest"}, 'policy id, "latest" or "latest-sc"'),
+        "negative policy id": ({"policy": "-1"}, 'policy id, "latest" or "latest-sc"'),
+        "bool policy": ({"policy": True}, 'policy id, "latest" or "latest-sc"'),
         "other model's policy": ({"mode": "shadow", "policy": other}, "for model 'other' only"),
         "blank reason": ({"reason": "  "}, "a reason is required"),
         "blank who": ({"who": ""}, "who made the change is required"),
@@ -273,10 +275,16 @@ def test_refused_changes_leave_state_audit_and_policies_untouched(engine: Engine
         assert snapshot(engine) == before, name
 
 
+def test_a_self_consistency_policy_can_be_rolled_out(engine: Engine) -> None:
+    sc = add_policy(engine, kind="sc")
+    state = rollout.set_scope(engine, "*", mode="enforce", percent=10, policy=sc, reason="r", who=WHO)
+    assert (state.mode, state.percent, state.policy_id) == ("enforce", 10, sc)
+
+
 def test_latest_without_any_suitable_policy_is_refused(engine: Engine) -> None:
     add_policy(engine, model="a")
     before = snapshot(engine)
-    with pytest.raises(RolloutError, match="no chain-of-thought policy for every model"):
+    with pytest.raises(RolloutError, match=r"no chain-of-thought \(cot\) policy for every model"):
         rollout.set_scope(engine, "*", mode="shadow", policy="latest", reason="r", who=WHO)
     with pytest.raises(RolloutError, match="for model 'b' or for every model"):
         rollout.set_scope(engine, "model:b", policy="latest", reason="r", who=WHO)
@@ -365,9 +373,9 @@ def test_promote_takes_the_next_step(engine: Engine, start: dict, expected: tupl
 def test_promote_without_a_policy_or_scope_is_refused(engine: Engine) -> None:
     rollout.set_scope(engine, "*", mode="observe", reason="r", who=WHO)
     before = snapshot(engine)
-    with pytest.raises(RolloutError, match="enforce needs a chain-of-thought policy"):
+    with pytest.raises(RolloutError, match="enforce needs a policy"):
         rollout.promote(engine, "*", reason="r", who=WHO)
-    with pytest.raises(RolloutError, match="enforce needs a chain-of-thought policy"):
+    with pytest.raises(RolloutError, match="enforce needs a policy"):
         rollout.promote(engine, "model:never-set", reason="r", who=WHO)
     with pytest.raises(RolloutError, match="a reason is required"):
         rollout.promote(engine, "*", reason="", who=WHO)
@@ -538,7 +546,7 @@ def test_migration_0004_down_and_up_with_data_present(tmp_path: Path) -> None:
     assert not _rollout_tables(engine)
 
     db.upgrade(engine, "0004")
-    assert db.current(engine) == "0004" == db.heads()[0]
+    assert db.current(engine) == "0004"
     assert _rollout_tables(engine) == {"rollout_scopes", "rollout_audit"}
     rollout.set_scope(engine, "*", mode="enforce", percent=5, policy=pid, reason="r", who=WHO)
     rollout.kill(engine, reason="stop", who=WHO)
