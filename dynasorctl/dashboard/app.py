@@ -12,13 +12,22 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import httpx
-from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Footer, Input, Sparkline, Static
 
+from dynasorctl.dashboard.calibrate import CalibrationResult, CalibrationSettings
+from dynasorctl.dashboard.panels import (
+    calibration_text,
+    histogram_text,
+    rollout_text,
+    savings_text,
+    timeline_text,
+    traffic_text,
+)
+from dynasorctl.dashboard.savings import Savings
 from dynasorctl.dashboard.screens import Ask, Confirmation, ConfirmScreen
 from dynasorctl.dashboard.source import (
     Filters,
@@ -29,9 +38,9 @@ from dynasorctl.dashboard.source import (
     Timeline,
     Traffic,
 )
+from dynasorctl.errors import UserError
 from proxy.rollout import NEEDS_POLICY, RolloutError, ScopeState
 
-BLOCKS = " ▁▂▃▄▅▆▇█"
 PROXY_TIMEOUT_S = 1.0
 
 
@@ -43,80 +52,9 @@ class Snapshot:
     certaindex: list[int] | None = None
     requests: list[RequestSummary] | None = None
     rollout: Rollout | None = None
+    newest_policy: int | None = None  # the newest stored policy's id
     proxy: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
-
-
-def _traffic_text(t: Traffic | None, proxy: dict[str, Any] | None) -> Text:
-    text = Text()
-    if t is None:
-        text.append("traffic: unavailable", style="dim")
-    else:
-        minutes = t.window_s / 60
-        text.append(f"last {minutes:g} min  ", style="bold")
-        text.append(f"{t.requests_per_s:.2f} req/s  {t.tokens_per_s:,.0f} tok/s  "
-                    f"probe tokens {t.probe_share:.1%}  ")
-        text.append(f"errors {t.errors}", style="bold red" if t.errors else "")
-    if proxy is not None:
-        rollout = proxy.get("rollout") or {}
-        text.append(f"\nproxy {proxy.get('status', '?')}  rollout from {rollout.get('source', '?')}"
-                    f"  active streams {proxy.get('active_streams', '?')}")
-    return text
-
-
-def _histogram_text(bins: list[int] | None) -> Text:
-    if not bins:
-        return Text("certaindex: no probes", style="dim")
-    top = max(bins) or 1
-    bars = "".join(BLOCKS[round(b / top * (len(BLOCKS) - 1))] if b else BLOCKS[0] for b in bins)
-    return Text.assemble("certaindex 0 ", (bars, "bold cyan"), f" 1  ({sum(bins)} probes)")
-
-
-def _timeline_text(t: Timeline | None) -> Text:
-    if t is None:
-        return Text("select a request to see its probes", style="dim")
-    r = t.request
-    tokens = "-" if r.completion_tokens is None else f"{r.completion_tokens:,}"
-    out = Text.assemble((f"{r.id}\n", "bold"), f"{r.model or '-'}  {r.mode}  {r.outcome}  "
-                        f"{tokens} tokens\n\n")
-    if not t.probes:
-        out.append("no probes recorded\n", style="dim")
-    for i, p in enumerate(t.probes):
-        ci = "  -  " if p.certaindex is None else f"{p.certaindex:.2f} "
-        out.append(f"{p.position:>7,}  {ci} {(p.answer or '-')[:24]}")
-        if p.hesitant:
-            out.append(" (hesitant)", style="dim")
-        if i == t.stop_index:
-            out.append(f"  ◀ paper's rule stops: {t.stop_reason}", style="bold yellow")
-        out.append("\n")
-    if t.stop_index is None and t.probes:
-        out.append("paper's rule: never stops\n", style="dim")
-    if t.decision_token is not None:
-        out.append(f"live policy decided at {t.decision_token:,}: {t.decision_answer or '-'}\n",
-                   style="yellow")
-    out.append(f"final answer: {r.final_answer or '-'}", style="bold green")
-    if t.stop_answer is not None and t.stop_answer != r.final_answer:
-        out.append(f"  (stop answer differs: {t.stop_answer})", style="bold red")
-    return out
-
-
-def _rollout_text(r: Rollout | None) -> Text:
-    if r is None:
-        return Text("rollout: unavailable", style="dim")
-    out = Text("rollout\n", style="bold")
-    if not r.scopes:
-        out.append("no scopes: proxies follow their own flags\n", style="dim")
-    for s in r.scopes:
-        mode = f"enforce {s.percent:g}%" if s.mode == "enforce" else s.mode
-        policy = "none" if s.policy_id is None else f"{s.policy_id} (v{s.policy_version})"
-        out.append(f"{s.scope:<16} {mode:<13} policy {policy}\n",
-                   style="bold red" if s.mode == "enforce" else "")
-    if r.history:
-        out.append("\nlast changes\n", style="bold")
-    for e in r.history:
-        out.append(f"{e.at:%m-%d %H:%M} {e.who} {e.scope} {e.field}: {e.previous or '(new)'}→"
-                   f"{e.new or 'none'}  {e.reason}\n")
-    return out
 
 
 class DashboardApp(App[None]):
@@ -127,9 +65,10 @@ class DashboardApp(App[None]):
     #traffic { width: 1fr; }
     #spark { width: 40; height: 3; margin: 0 1; }
     #main { height: 1fr; }
-    #left { width: 3fr; }
-    #right { width: 2fr; border-left: solid $primary; }
-    #timeline { height: 2fr; padding: 0 1; }
+    #left { width: 1fr; }
+    #right { width: 1fr; border-left: solid $primary; }
+    #timeline { height: 1fr; padding: 0 1; }
+    #savings { height: 1fr; padding: 0 1; border-top: solid $primary; }
     #rollout { height: 1fr; padding: 0 1; border-top: solid $primary; }
     ConfirmScreen { align: center middle; }
     #dialog { width: 64; height: auto; border: thick $error; background: $surface; padding: 1 2; }
@@ -140,14 +79,17 @@ class DashboardApp(App[None]):
         Binding("e", "set_percent", "Enforce %"),
         Binding("s", "switch_policy", "Policy"),
         Binding("k", "kill", "Kill"),
-        Binding("r", "refresh", "Refresh"),
+        Binding("c", "calibrate", "Calibrate"),
+        Binding("r", "reload", "Refresh"),
         Binding("slash", "focus_filter", "Filter"),
         Binding("q", "quit", "Quit"),
     ]
     TITLE = "dynasor"
 
     def __init__(self, source: StoreSource, proxy_url: str | None = None, *,
-                 transport: httpx.BaseTransport | None = None, refresh_s: float = 2.0) -> None:
+                 transport: httpx.BaseTransport | None = None, refresh_s: float = 2.0,
+                 savings_s: float = 30.0,
+                 calibration: CalibrationSettings | None = None) -> None:
         super().__init__()
         self.source = source
         self.proxy_url = proxy_url.rstrip("/") if proxy_url else None
@@ -157,6 +99,12 @@ class DashboardApp(App[None]):
         self.snapshot = Snapshot()
         self.timeline: Timeline | None = None
         self._shown_rows: list[RequestSummary] | None = None
+        self.savings_s = savings_s
+        self.savings: Savings | None = None
+        self._savings_for: tuple[int | None, int | None] | None = None  # (active, newest) ids
+        self.calibration_settings = calibration or CalibrationSettings()
+        self.calibration: CalibrationResult | None = None
+        self.calibrating: str | None = None  # what the running calibration is doing
 
     def compose(self) -> ComposeResult:
         yield Static(id="banner")
@@ -172,9 +120,12 @@ class DashboardApp(App[None]):
                 yield DataTable(id="requests", cursor_type="row", zebra_stripes=True)
             with Vertical(id="right"):
                 with VerticalScroll(id="timeline"):
-                    yield Static(_timeline_text(None), id="timeline-text")
+                    yield Static(timeline_text(None), id="timeline-text")
+                with VerticalScroll(id="savings"):
+                    yield Static(savings_text(None), id="savings-text")
+                    yield Static(calibration_text(None, None), id="calibration-text")
                 with VerticalScroll(id="rollout"):
-                    yield Static(_rollout_text(None), id="rollout-text")
+                    yield Static(rollout_text(None), id="rollout-text")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -184,11 +135,20 @@ class DashboardApp(App[None]):
         table.focus()
         self.action_refresh()
         self.set_interval(self.refresh_s, self.action_refresh)
+        self.set_interval(self.savings_s, self._expire_savings)
 
     # --- reading ------------------------------------------------------------------------------
 
     def action_refresh(self) -> None:
         self._refresh(self.filters)
+
+    def action_reload(self) -> None:
+        """Refresh now, savings included."""
+        self._expire_savings()
+        self.action_refresh()
+
+    def _expire_savings(self) -> None:
+        self._savings_for = None  # the next refresh recomputes them
 
     @work(thread=True, exclusive=True, group="refresh")
     def _refresh(self, filters: Filters) -> None:
@@ -198,6 +158,8 @@ class DashboardApp(App[None]):
             snap.certaindex = self.source.certaindex_histogram()
             snap.requests = self.source.requests(filters)
             snap.rollout = self.source.rollout()
+            newest = self.source.newest_policy()
+            snap.newest_policy = newest.id if newest is not None else None
         except SourceError as exc:
             snap.problems.append(str(exc))
         except Exception as exc:  # noqa: BLE001 - a dashboard must outlive any store surprise
@@ -225,12 +187,71 @@ class DashboardApp(App[None]):
         banner = self.query_one("#banner", Static)
         banner.update("\n".join(snap.problems))
         banner.set_class(bool(snap.problems), "shown")
-        self.query_one("#numbers", Static).update(_traffic_text(snap.traffic, snap.proxy))
-        self.query_one("#histogram", Static).update(_histogram_text(snap.certaindex))
+        self.query_one("#numbers", Static).update(traffic_text(snap.traffic, snap.proxy))
+        self.query_one("#histogram", Static).update(histogram_text(snap.certaindex))
         self.query_one("#spark", Sparkline).data = snap.traffic.buckets if snap.traffic else []
-        self.query_one("#rollout-text", Static).update(_rollout_text(snap.rollout))
+        self.query_one("#rollout-text", Static).update(rollout_text(snap.rollout))
         if snap.requests is not None and filters == self.filters:
             self._fill_table(snap.requests)
+        if snap.rollout is not None:
+            wanted = (snap.rollout.active_policy, snap.newest_policy)
+            if wanted != self._savings_for:
+                self._savings_for = wanted
+                self._compute_savings(wanted[0])
+
+    # --- savings and calibration --------------------------------------------------------------
+
+    @work(thread=True, exclusive=True, group="savings")
+    def _compute_savings(self, active_policy: int | None) -> None:
+        try:
+            found = self.source.savings(active_policy)
+        except SourceError as exc:
+            self.call_from_thread(self._show_savings, None, str(exc))
+            return
+        self.call_from_thread(self._show_savings, found, None)
+
+    def _show_savings(self, found: Savings | None, problem: str | None) -> None:
+        self.savings = found
+        self.query_one("#savings-text", Static).update(savings_text(found, problem))
+
+    def action_calibrate(self) -> None:
+        if self.calibrating is not None:
+            self.notify("calibration is already running", title="calibrate")
+            return
+        self._calibration_status("starting: reading the newest probed requests")
+        self._calibrate(self.calibration_settings)
+
+    def _calibration_status(self, status: str | None) -> None:
+        self.calibrating = status
+        self.query_one("#calibration-text", Static).update(
+            calibration_text(self.calibration, None if status is None else f"running: {status}"))
+
+    @work(thread=True, exclusive=True, group="calibrate")
+    def _calibrate(self, settings: CalibrationSettings) -> None:
+        shown: list[str] = []
+
+        def progress(what: str, done: int, total: int) -> None:
+            line = f"{what} {done}/{total}"
+            # A step at a time, not a message per candidate: the UI thread stays free.
+            if not shown or shown[-1].split(" ")[0] != line.split(" ")[0] or done == total:
+                shown.append(line)
+                self.call_from_thread(self._calibration_status, line)
+
+        try:
+            result = self.source.calibrate(settings, progress)
+        except (UserError, SourceError) as exc:
+            self.call_from_thread(self._calibrated, None, str(exc))
+            return
+        self.call_from_thread(self._calibrated, result, None)
+
+    def _calibrated(self, result: CalibrationResult | None, error: str | None) -> None:
+        if error is not None:
+            self.notify(error, title="calibration failed", severity="error")
+        else:
+            self.calibration = result
+            self._expire_savings()  # a stored policy is the new recommendation
+            self.action_refresh()
+        self._calibration_status(None)
 
     def _fill_table(self, rows: list[RequestSummary]) -> None:
         if rows == self._shown_rows:
@@ -281,7 +302,7 @@ class DashboardApp(App[None]):
 
     def _show_timeline(self, timeline: Timeline | None) -> None:
         self.timeline = timeline
-        self.query_one("#timeline-text", Static).update(_timeline_text(timeline))
+        self.query_one("#timeline-text", Static).update(timeline_text(timeline))
 
     # --- changing the rollout -----------------------------------------------------------------
 
@@ -313,8 +334,10 @@ class DashboardApp(App[None]):
                   "requests and shadows the rest", Ask("percentage enforced, 0-100", shown))
 
     def action_switch_policy(self) -> None:
+        newest = self.savings.recommended if self.savings is not None else None
         self._ask("switch policy", "Switch policy: the scope's shadow and enforce decisions use "
-                  "this stored policy from now on", Ask('policy id, or "latest"', "latest"))
+                  "this stored policy from now on",
+                  Ask('policy id, or "latest"', str(newest.policy.id) if newest else "latest"))
 
     def action_kill(self) -> None:
         self._ask("kill", "Kill: every shadowed or enforced scope back to observe", scoped=False)
@@ -353,7 +376,9 @@ def parse_percent(text: str) -> float:
 
 
 def create_app(source: StoreSource, proxy_url: str | None = None, *,
-               transport: httpx.BaseTransport | None = None,
-               refresh_s: float = 2.0) -> DashboardApp:
+               transport: httpx.BaseTransport | None = None, refresh_s: float = 2.0,
+               savings_s: float = 30.0,
+               calibration: CalibrationSettings | None = None) -> DashboardApp:
     """The dashboard over `source`; with `proxy_url`, its `/health` is read too."""
-    return DashboardApp(source, proxy_url, transport=transport, refresh_s=refresh_s)
+    return DashboardApp(source, proxy_url, transport=transport, refresh_s=refresh_s,
+                        savings_s=savings_s, calibration=calibration)

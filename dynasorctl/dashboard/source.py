@@ -16,6 +16,14 @@ from typing import TypeVar
 from sqlalchemy import ColumnElement, Engine, and_, case, func, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from dynasorctl.dashboard.calibrate import (
+    CalibrationResult,
+    CalibrationSettings,
+    Progress,
+    run_calibration,
+)
+from dynasorctl.dashboard.savings import Savings, StoredPolicy, newest_policy
+from dynasorctl.dashboard.savings import savings as read_savings
 from proxy import rollout
 from proxy.policy import PAPER_DEFAULT, CotPolicy, ProbeObservation, first_stop
 from proxy.rollout import AuditEntry, ScopeState
@@ -125,6 +133,19 @@ class Timeline:
 class Rollout:
     scopes: list[ScopeState]
     history: list[AuditEntry]
+
+    @property
+    def live_scopes(self) -> list[ScopeState]:
+        """The scopes that shadow or enforce: what a promote or a switch most likely means."""
+        return [s for s in self.scopes if s.mode in rollout.NEEDS_POLICY]
+
+    @property
+    def active_policy(self) -> int | None:
+        """The policy the rollout uses: a live scope's, else any scope's; None if none has one."""
+        for s in self.live_scopes + self.scopes:
+            if s.policy_id is not None:
+                return s.policy_id
+        return None
 
 
 def _utc(at: datetime) -> datetime:
@@ -280,6 +301,21 @@ class StoreSource:
                            rollout.history(self.engine, limit=history))
 
         return self._run(read)
+
+    # --- savings ------------------------------------------------------------------------------
+
+    def newest_policy(self) -> StoredPolicy | None:
+        """The newest stored chain-of-thought policy (one row by its primary key)."""
+        return self._run(lambda: newest_policy(self.engine))
+
+    def savings(self, active_policy: int | None) -> Savings:
+        """Observed and projected savings of the active and the newest policy (slow: a worker)."""
+        return self._run(lambda: read_savings(self.engine, active_policy))
+
+    def calibrate(self, settings: CalibrationSettings,
+                  progress: Progress | None = None) -> CalibrationResult:
+        """`dynasorctl calibrate --db` on the newest probed requests (slow: a worker)."""
+        return self._run(lambda: run_calibration(self.engine, settings, progress))
 
     # --- rollout changes: the same functions as `dynasorctl rollout` ----------------------------
 

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 import typer
-from sqlalchemy import insert, update
+from sqlalchemy import insert, select, update
 from typer.testing import CliRunner
 
+from dynasorctl.calibration.bounds import clopper_pearson_upper
+from dynasorctl.calibration.evaluate import evaluate_cot
+from dynasorctl.calibration.grading import Grader
+from dynasorctl.calibration.store_source import load_runs
 from dynasorctl.commands import dashboard as dashboard_command
 from dynasorctl.dashboard.app import DashboardApp, create_app
+from dynasorctl.dashboard.calibrate import CalibrationSettings
+from dynasorctl.dashboard.panels import savings_text
+from dynasorctl.dashboard.savings import Damage, Group
 from dynasorctl.dashboard.source import Filters, SourceError, StoreSource
 from proxy import rollout
+from proxy.policy import parse_policy_file
 from proxy.recorder import Record, write_records
 from proxy.store.db import make_engine, open_store
 from proxy.store.models import PolicyRow, RolloutAuditRow, RolloutScopeRow
@@ -23,14 +33,21 @@ POLICY = 'version = 1\nkind = "cot"\nmodel = "*"\n\n[cot]\ninterval = 64\nwindow
 
 
 def _record(i: int) -> Record:
-    """Request i, 10 s older than i - 1: models a/b alternate, r03 failed, r04 was enforced."""
+    """Request i, 10 s older than i - 1: models a/b alternate, r03 failed, r04 was enforced
+    by policy 1 at token 256, which shadowed r06, r08 and r10 (r10 would have answered 7)."""
     rid = f"r{i:02d}"
+    mode = "enforce" if i == 4 else "shadow" if i in (6, 8, 10) else "observe"
+    decided = mode != "observe"
     request = {"id": rid, "created_at": NOW - timedelta(seconds=10 * i + 5),
                "model": "model-a" if i % 2 else "model-b", "kind": "chat", "upstream": "u",
-               "mode": "enforce" if i == 4 else "observe", "stream": True, "n": 1,
+               "mode": mode, "stream": True, "n": 1,
                "status_code": 500 if i == 3 else 200, "error": "upstream 500" if i == 3 else None,
-               "probed": True, "probe_count": 4, "probe_tokens": 12, "completion_tokens": 300 + i,
-               "final_answer": "42", "enforced": i == 4}
+               "probed": True, "probe_count": 4, "probe_tokens": 12,
+               "completion_tokens": 256 if i == 4 else 300 + i,
+               "finish_reason": None if i == 3 else "stop",
+               "final_answer": "42", "enforced": i == 4, "policy": "policy 1" if decided else None,
+               "decision_token": 256 if decided else None,
+               "decision_answer": ("7" if i == 10 else "42") if decided else None}
     # Answers settle on 42 from the second probe: the paper's rule (3 agreeing) stops at 256.
     answers = ["7", "42", "42", "42"]
     probes = [{"request_id": rid, "choice_index": 0, "position": 64 * (k + 1), "answer": a,
@@ -90,7 +107,7 @@ def test_traffic_counts_the_window(source):
     t = source.traffic(minutes=1, buckets=6)
     assert t.requests == 6  # r00..r05 are 5..55 s old
     assert t.errors == 1
-    assert t.completion_tokens == sum(300 + i for i in range(6))
+    assert t.completion_tokens == sum(300 + i for i in range(6)) - 48  # r04 stopped at 256
     assert t.probe_share == pytest.approx(72 / (72 + t.completion_tokens))
     assert t.buckets == [1, 1, 1, 1, 1, 1]
     assert t.requests_per_s == pytest.approx(0.1)
@@ -129,6 +146,41 @@ def test_broken_store_is_a_source_error(tmp_path):
     bad.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(SourceError, match="file is not a database"):
         StoreSource(make_engine(f"sqlite:///{bad}")).traffic()
+
+
+def _store_policy(engine, version: int, toml: str = POLICY) -> None:
+    with engine.begin() as conn:
+        conn.execute(insert(PolicyRow), [{"kind": "cot", "model": "*", "version": version,
+                                          "policy_toml": toml, "source": "test",
+                                          "created_at": NOW}])
+
+
+def test_savings_observed_from_the_decisions_and_projected_by_evaluate(source, engine):
+    s = source.savings(1)
+    assert s.recommended is s.active  # policy 1 is also the newest stored
+    active = s.active
+    assert active.policy.id == 1 and active.problem is None
+    # shadowed r06, r08, r10: 306, 308, 310 tokens, each would stop at 256 having paid
+    # 4 probes of 3 tokens (+8 prompt-side each); r10 would have answered 7, not 42
+    assert active.shadow == Group(3, 3, (50 + 52 + 54 - 3 * 44) / 924, Damage(1, 3))
+    # enforced r04: 256 tokens and 44 of probes, against 308 per shadowed request
+    assert active.enforced == Group(1, 1, pytest.approx(1 - 300 / 308), None)
+    runs = load_runs(engine).runs  # what `dynasorctl calibrate --db` reads: all 11 finished
+    with Grader() as grader:
+        _, summary = evaluate_cot(runs, parse_policy_file(POLICY), grader)
+    p = active.projected
+    assert (p.runs, p.net_saved, p.damage.changed) == (11, summary.net_saved, summary.changed)
+    assert p.damage.upper == clopper_pearson_upper(summary.changed, 11)
+
+
+def test_recommended_is_the_newest_stored_policy_and_unreplayable_ones_say_why(source, engine):
+    _store_policy(engine, 2, POLICY.replace("interval = 64", "interval = 100"))
+    s = source.savings(1)
+    assert s.active.policy.id == 1 and s.recommended.policy.id == 2
+    assert s.recommended.shadow is None and s.recommended.enforced is None  # never rolled out
+    assert s.recommended.projected is None and "multiple of 64" in s.recommended.problem
+    text = str(savings_text(s))
+    assert "recommended: policy 2 (v2, model *)" in text and "multiple of 64" in text
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -314,6 +366,97 @@ async def test_proxy_health_and_unreachable_proxy(source):
         banner = app.query_one("#banner")
         assert banner.has_class("shown") and "proxy unreachable" in str(banner.render())
         assert app.query_one("#requests").row_count == 12  # the store still shows
+
+
+def _settled_run(i: int) -> Record:
+    """A probed run that wanders for two probes, then answers 42 until it ends at 2,000 tokens."""
+    rid = f"c{i:03d}"
+    request = {"id": rid, "created_at": NOW - timedelta(seconds=i + 1), "model": "m",
+               "kind": "chat", "upstream": "u", "mode": "observe", "stream": True, "n": 1,
+               "status_code": 200, "probed": True, "probe_count": 8, "probe_tokens": 24,
+               "completion_tokens": 2000, "finish_reason": "stop", "final_answer": "42",
+               "prompt_hash": f"{i:064d}"}
+    answers = [str(i), str(i + 1000)] + ["42"] * 6
+    probes = [{"request_id": rid, "choice_index": 0, "position": 64 * (k + 1), "answer": a,
+               "hesitant": False, "output_tokens": 3, "latency_ms": 1.0, "status": "ok",
+               "certaindex": None} for k, a in enumerate(answers)]
+    return Record(request, probes)
+
+
+LOOSE = CalibrationSettings(max_accuracy_drop=None, max_answer_change=5.0)  # 118 runs suffice
+
+
+async def _until(pilot, condition, timeout_s: float = 60.0) -> None:
+    """Let the app run until `condition()` holds (a bounded wait, not a fixed sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, "the dashboard did not get there in time"
+        await pilot.pause(0.05)
+
+
+async def test_calibration_runs_in_a_worker_stores_and_shows_the_frontier(tmp_path):
+    engine = open_store(f"sqlite:///{tmp_path}/calibrate.db")
+    write_records(engine, [_settled_run(i) for i in range(160)])
+    app = create_app(StoreSource(engine, clock=lambda: NOW), refresh_s=3600, calibration=LOOSE)
+    errors = _errors(app)
+    async with app.run_test() as pilot:
+        await _settle(pilot)
+        assert "no policy in the store yet" in str(app.query_one("#savings-text").render())
+        await pilot.press("c")
+        await _until(pilot, lambda: app.calibration is not None or errors)
+        assert not errors
+        result = app.calibration
+        assert result.runs == 160 and result.frontier and result.recommended is not None
+        assert result.stored is not None and result.stored.version == 1
+        shown = str(app.query_one("#calibration-text").render())
+        assert "frontier" in shown and f"stored as policy {result.stored.id} (v1)" in shown
+        # the stored policy becomes the recommendation the savings panel replays
+        await _until(pilot, lambda: app.savings is not None and app.savings.recommended is not None)
+        assert app.savings.recommended.policy.id == result.stored.id
+        assert app.savings.recommended.projected.net_saved > 0
+    with engine.connect() as conn:
+        note, active = conn.execute(select(PolicyRow.note, PolicyRow.active)).one()
+    assert note == "calibrated from the dashboard" and active is False
+
+
+async def test_ui_answers_keys_while_calibration_runs_then_its_error_is_notified(source):
+    gate = threading.Event()
+    calibrate = source.calibrate
+
+    def held(settings, progress=None):
+        progress("held by the test", 0, 1)
+        assert gate.wait(60)
+        return calibrate(settings, progress)
+
+    source.calibrate = held
+    app = _app(source)
+    errors = _errors(app)
+    async with app.run_test() as pilot:
+        await _settle(pilot)
+        await pilot.press("c")
+        await _until(pilot, lambda: app.calibrating == "held by the test 0/1")
+        await pilot.press("slash", *"model-a")  # the filter refreshes while calibration waits
+        await _until(pilot, lambda: app.query_one("#requests").row_count == 6)
+        assert "running: held by the test" in str(app.query_one("#calibration-text").render())
+        assert app.calibrating is not None
+        gate.set()
+        await _until(pilot, lambda: app.calibrating is None)
+    # the 12-request store is far too small for the default 0.5-point target
+    assert len(errors) == 1 and "calibration needs at least" in errors[0]
+    assert app.calibration is None
+
+
+async def test_savings_panel_shows_the_active_and_the_recommended_policy(source, engine):
+    _store_policy(engine, 2, POLICY.replace("window = 2", "window = 3"))
+    app = _app(source)
+    async with app.run_test() as pilot:
+        await _settle(pilot)
+        shown = str(app.query_one("#savings-text").render())
+    assert "active: policy 1 (v1, model *)" in shown
+    assert "recommended: policy 2 (v2, model *)" in shown
+    assert "33.3% (≤86.5%)" in shown  # 1 of 3 shadowed answers changed
+    assert shown.count("replayed") == 2
 
 
 def test_main_screen_snapshot(source, snap_compare):
