@@ -158,8 +158,9 @@ def set_(
         "A new scope starts at 0.", show_default=False)] = None,
     scope: ScopeOption = "*",
     policy: Annotated[str | None, typer.Option(
-        help='A stored policy\'s id, or "latest" (the newest chain-of-thought policy for the '
-        'scope\'s model, else for every model). Shadow and enforce need one.',
+        help='A stored policy\'s id, "latest" (the newest chain-of-thought policy for the '
+        'scope\'s model, else for every model) or "latest-sc" (the same, self-consistency). '
+        'Shadow and enforce need one.',
         show_default=False)] = None,
     reason: ReasonOption = None,
     db: DbOption = None,
