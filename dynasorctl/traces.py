@@ -15,6 +15,7 @@ from pathlib import Path
 from proxy.policy import ProbeObservation
 
 PACKAGED_SAMPLE = Path(__file__).parent / "data" / "cot-sample.jsonl.gz"
+PACKAGED_SC_SAMPLE = Path(__file__).parent / "data" / "sc-sample.jsonl.gz"
 
 
 class TraceFileError(Exception):

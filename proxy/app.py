@@ -20,13 +20,21 @@ from typing import Any
 
 from proxy.assemble import SampleStream, Usage, choice_body, completion, streaming_body
 from proxy.control import Control, Plan
-from proxy.enforce import OPT_HEADER, Mode, StopInfo, answer_text, stop_extension, tail_chunks
+from proxy.enforce import (
+    OPT_HEADER,
+    Mode,
+    StopInfo,
+    answer_text,
+    stop_extension,
+    tail_chunks,
+    verdict_extension,
+)
 from proxy.equivalence import AsyncEquivalence
 from proxy.metrics import Metrics
 from proxy.observe import ChoiceText, ResponseObserver
 from proxy.policy import ScPolicy
 from proxy.probe import ProbeSession, Prober
-from proxy.programs import PROGRAM_HEADER, Programs
+from proxy.programs import PROGRAM_HEADER, Programs, Verdict
 from proxy.record import build_record, decision_of
 from proxy.recorder import Record, Recorder, write_records
 from proxy.samples import ProgramResult, ProgramRun, Sample, program_extension, program_outcome
@@ -64,6 +72,7 @@ class Exchange:
     enforced: StopInfo | None = None  # set when the proxy ended the stream itself
     assembled: bool = False  # a non-streamed request the proxy answers from an upstream stream
     program: ProgramResult | None = None  # the samples of a request run under a self-consistency policy
+    member: bool = False  # one sample of a tagged program under a self-consistency policy
 
 
 class ProxyApp:
@@ -100,6 +109,7 @@ class ProxyApp:
             await self.control.start(engine)
         self.recorder = Recorder(self._write, self.metrics, self.settings.record_queue_size)
         self.recorder.start()
+        self.equivalence.warm()
 
     async def shutdown(self) -> None:
         await self.control.stop()
@@ -192,30 +202,38 @@ class ProxyApp:
         if body is not None:
             stream = bool(body.get("stream"))
             n = body.get("n") if isinstance(body.get("n"), int) else 1
-            ex.program_id = _header(headers, PROGRAM_HEADER) or (ex.request_id if n > 1 else None)
+            tag = _header(headers, PROGRAM_HEADER)
+            ex.program_id = tag or (ex.request_id if n > 1 else None)
             model = body.get("model") if isinstance(body.get("model"), str) else None
-            ex.plan = self.control.plan(model, _header(headers, b"authorization"),
-                                        ex.program_id or ex.request_id, _header(headers, OPT_HEADER), n)
+            ex.plan = self.control.plan(model, _header(headers, b"authorization"), ex.program_id or ex.request_id,
+                                        _header(headers, OPT_HEADER), n, tag is not None)
             ex.mode = ex.plan.mode
             if ex.mode == "off":  # the client opted out: a plain relay, not recorded
                 await self._relay(scope, receive, send, raw, ex)
                 self._count(scope["path"], ex)
                 return
-            if ex.plan.sc is not None and _assemblable(body, ex.mode) and self._should_probe(kind, body, ex.mode):
+            watched = ex.mode in ("shadow", "enforce") and self._should_probe(kind, body, ex.mode)
+            if n > 1 and ex.plan.sc is not None and watched and _assemblable(body, ex.mode):
                 await self._program(scope, receive, send, ex, ex.plan.sc)
+                self._after(scope, ex)
+                return
+            ex.member = n == 1 and ex.plan.sc is not None and watched
+            verdict = self.programs.verdict(tag) if ex.member and tag and ex.mode == "enforce" else None
+            if verdict is not None:  # the program is decided: this sample is not generated
+                await self._from_verdict(send, ex, verdict)
                 self._after(scope, ex)
                 return
             ex.assembled = not stream and n == 1 and _assemblable(body, ex.mode)
             if (stream or ex.assembled) and n == 1 and self._should_probe(kind, body, ex.mode):
                 ex.probes = self.prober.session(kind, body, _probe_headers(headers), ex.plan.policy,
                                                 enforcing=ex.mode == "enforce")
-            ex.assembled = ex.assembled and ex.probes is not None
+            ex.assembled = ex.assembled and (ex.probes is not None or ex.member)
             if ex.assembled:  # the policy needs the generation as it grows
                 raw = json.dumps(streaming_body(body)).encode()
             interval = ex.probes.interval(self.settings.probe_interval) if ex.probes else 0
             ex.observer = ResponseObserver(kind, stream or ex.assembled,
                                            ex.probes.on_tokens if ex.probes else None,
-                                           interval or self.settings.probe_interval)
+                                           interval or self.settings.probe_interval, live=ex.member)
         await self._relay(scope, receive, send, raw, ex)
         if ex.probes is not None:
             await ex.probes.close()
@@ -271,10 +289,11 @@ class ProxyApp:
         client = Departure(receive)
         observer = ex.observer
         is_sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in resp.headers)
-        enforcing = ex.probes if ex.probes is not None and ex.probes.enforcing and is_sse else None
+        enforcing = is_sse and ((ex.probes is not None and ex.probes.enforcing)
+                                or (ex.member and ex.mode == "enforce"))
         assembling = ex.assembled and is_sse and resp.status == 200
         headers = forwardable(resp.headers)
-        if enforcing is not None:
+        if enforcing:
             headers.append((b"x-dynasor-mode", b"enforce"))
         try:
             if not assembling:
@@ -286,8 +305,8 @@ class ProxyApp:
                     observer.feed(chunk)
                 if not assembling:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if enforcing is not None and enforcing.stop is not None and resp.status == 200:
-                    ex.enforced = enforcing.stop
+                if enforcing and resp.status == 200 and (stop := self._stop_now(ex)) is not None:
+                    ex.enforced = stop
                     break  # closing the response below aborts the upstream request
         except UpstreamError as exc:
             self.metrics.upstream_errors[exc.kind] += 1
@@ -311,6 +330,35 @@ class ProxyApp:
         if ex.enforced is not None:
             await send({"type": "http.response.body", "body": await self._tail(ex), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _stop_now(self, ex: Exchange) -> StopInfo | None:
+        """Whether an enforced request must end now: its policy fired, or its program's did."""
+        if ex.probes is not None and ex.probes.enforcing:
+            return ex.probes.stop
+        verdict = self.programs.verdict(ex.program_id) if ex.member and ex.program_id else None
+        return _verdict_stop(verdict) if verdict is not None else None
+
+    def _extension(self, ex: Exchange, tokens: int) -> dict[str, Any]:
+        assert ex.enforced is not None
+        return (verdict_extension if ex.member else stop_extension)(ex.enforced, tokens)
+
+    async def _from_verdict(self, send: Send, ex: Exchange, verdict: Verdict) -> None:
+        """A sample of a decided program, answered with the program's answer and generating nothing."""
+        assert ex.body is not None
+        ex.enforced, ex.status, ex.finished = _verdict_stop(verdict), 200, time.perf_counter()
+        self.metrics.enforced_stops += 1
+        envelope = {"id": f"dynasor-{ex.request_id}", "created": int(time.time()), "model": ex.body.get("model")}
+        text = answer_text(verdict.answer, self.settings.answer_template, "")
+        prompt_tokens = await self._prompt_tokens(ex) if _wants_usage(ex) else None
+        extension = verdict_extension(ex.enforced, 0)
+        if ex.body.get("stream"):
+            headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"x-dynasor-mode", b"enforce")]
+            body = tail_chunks(ex.kind, envelope, text, extension, 0, prompt_tokens, _wants_usage(ex))
+        else:
+            headers = [*JSON_HEADERS, (b"x-dynasor-mode", b"enforce")]
+            part = choice_body(ex.kind, 0, ChoiceText(0), None, text.lstrip("\n"), "stop")
+            body = completion(ex.kind, envelope, [part], Usage(prompt_tokens, 0), extension)
+        await self._respond(send, 200, body, headers)
 
     async def _program(self, scope: Scope, receive: Receive, send: Send, ex: Exchange,
                        policy: ScPolicy) -> None:
@@ -404,8 +452,8 @@ class ProxyApp:
         """The end of a stream the policy stopped: the answer, finish_reason stop, [DONE]."""
         assert ex.observer is not None and ex.enforced is not None and ex.body is not None
         tokens, text, prompt_tokens = await self._stopped_text(ex)
-        return tail_chunks(ex.kind, ex.observer.envelope, text, ex.enforced, tokens, prompt_tokens,
-                           _wants_usage(ex))
+        return tail_chunks(ex.kind, ex.observer.envelope, text, self._extension(ex, tokens), tokens,
+                           prompt_tokens, _wants_usage(ex))
 
     async def _whole(self, send: Send, ex: Exchange, upstream_headers: Headers) -> None:
         """The completion a non-streamed request asked for, from the stream the proxy watched."""
@@ -423,7 +471,7 @@ class ProxyApp:
             tokens, text, prompt_tokens = await self._stopped_text(ex)
             part = choice_body(ex.kind, 0, choice, field, text, "stop")
             body = completion(ex.kind, ex.observer.envelope, [part], Usage(prompt_tokens, tokens),
-                              stop_extension(ex.enforced, tokens))
+                              self._extension(ex, tokens))
         else:
             tokens = outcome.completion_tokens if outcome.completion_tokens is not None else choice.tokens
             body = completion(ex.kind, ex.observer.envelope, [choice_body(ex.kind, 0, choice, field)],
@@ -460,10 +508,15 @@ class ProxyApp:
             log.exception("could not build the record of request %s", ex.request_id)
             return
         assert self.recorder is not None
+        if ex.member and ex.plan is not None and ex.plan.sc is not None and ex.program_id:
+            verdict = self.programs.decide(ex.program_id, ex.plan.sc)
+            if verdict is not None:  # this sample's answer stopped its program
+                record.request.update(decision_token=verdict.samples, decision_answer=verdict.answer)
         self.recorder.put(record)
         if ex.plan is not None:
             req = record.request
-            stop = decision_of(ex)
+            # A tagged program has no last sample to compare its verdict with: errors and latency only.
+            stop = None if ex.member else decision_of(ex)
             await self.control.judge(ex.plan, ex.status != 200 or ex.error is not None,
                                      ex.finished - ex.started, stop.answer if stop else None,
                                      req["final_answer"], stop is not None)
@@ -536,10 +589,15 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+def _verdict_stop(verdict: Verdict) -> StopInfo:
+    return StopInfo(verdict.samples, verdict.answer, f"program decided: {verdict.reason}")
+
+
 def _wants_usage(ex: Exchange) -> bool:
     """Whether the response the client gets carries usage (a whole one always does)."""
-    options = (ex.body or {}).get("stream_options")
-    return ex.assembled or (isinstance(options, dict) and bool(options.get("include_usage")))
+    body = ex.body or {}
+    options = body.get("stream_options")
+    return not body.get("stream") or (isinstance(options, dict) and bool(options.get("include_usage")))
 
 
 def _assemblable(body: dict[str, Any], mode: Mode) -> bool:

@@ -97,12 +97,13 @@ class Control:
             await self.refresh()
 
     def plan(self, model: str | None, authorization: str | None, program_key: str,
-             opt: str | None, samples: int = 1) -> Plan:
+             opt: str | None, samples: int = 1, tagged: bool = False) -> Plan:
         """The treatment of one request of `samples` samples (pure: no I/O).
 
         A scope's policy is a chain-of-thought policy (it governs single-sample
-        requests) or a self-consistency one (requests of several samples); requests
-        it does not govern stay in observe.
+        requests) or a self-consistency one (requests of several samples, and the
+        samples of programs `tagged` by header); requests it does not govern stay
+        in observe.
         """
         scope_state = (rollout.resolve(self.state, model, key_name(authorization))
                        if self.state is not None and self.state.scopes else None)
@@ -116,7 +117,7 @@ class Control:
             name = f"policy {scope_state.policy_id}" if scope_state.policy_id is not None else None
         applies = chosen is not None and chosen.applies_to(model)
         policy = chosen.cot if applies and chosen is not None and samples == 1 else None
-        sc = chosen.sc if applies and chosen is not None and samples > 1 else None
+        sc = chosen.sc if applies and chosen is not None and (samples > 1 or tagged) else None
         mode = choose(scope_mode, percent, program_key, opt, self.settings.allow_opt_in)  # type: ignore[arg-type]
         if mode in ("shadow", "enforce") and policy is None and sc is None:
             mode = "observe"

@@ -73,8 +73,14 @@ def stop_extension(stop: StopInfo, generated_tokens: int) -> dict[str, Any]:
             "generated_tokens": generated_tokens, "reason": stop.reason}
 
 
-def tail_chunks(kind: str, envelope: dict[str, Any], text: str, stop: StopInfo, generated_tokens: int,
-                prompt_tokens: int | None, include_usage: bool) -> bytes:
+def verdict_extension(stop: StopInfo, generated_tokens: int) -> dict[str, Any]:
+    """The `dynasor` field of a sample of a tagged program answered by the program's verdict."""
+    return {"stopped": True, "program_verdict": True, "samples_read": stop.position,
+            "answer": stop.answer, "generated_tokens": generated_tokens, "reason": stop.reason}
+
+
+def tail_chunks(kind: str, envelope: dict[str, Any], text: str, extension: dict[str, Any],
+                generated_tokens: int, prompt_tokens: int | None, include_usage: bool) -> bytes:
     """The SSE events that end a stopped stream, in the upstream's chunk shape, then [DONE]."""
     base = {
         "id": envelope.get("id", "dynasor"),
@@ -89,7 +95,7 @@ def tail_chunks(kind: str, envelope: dict[str, Any], text: str, stop: StopInfo, 
         body = {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
         end = {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}
     events = [{**base, "choices": [body]},
-              {**base, "choices": [end], "dynasor": stop_extension(stop, generated_tokens)}]
+              {**base, "choices": [end], "dynasor": extension}]
     if include_usage:
         usage = {"prompt_tokens": prompt_tokens or 0, "completion_tokens": generated_tokens,
                  "total_tokens": (prompt_tokens or 0) + generated_tokens}

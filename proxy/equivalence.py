@@ -108,21 +108,29 @@ class AsyncEquivalence:
         key = (a, b) if a <= b else (b, a)
         if key in self._cache:
             return self._cache[key]
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=1)
+        pool = self._worker()
         loop = asyncio.get_running_loop()
         try:
-            result = await asyncio.wait_for(
-                loop.run_in_executor(self._pool, _math_verify, *key), self._timeout_s
-            )
+            result = await asyncio.wait_for(loop.run_in_executor(pool, _math_verify, *key), self._timeout_s)
         except (TimeoutError, Exception) as exc:  # a stuck or dead worker: start afresh
             self.timeouts += 1
-            log.warning("answer equivalence check failed (%s); treating as different", exc)
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+            log.warning("answer equivalence check failed (%r); treating as different", exc)
+            if self._pool is pool:  # checks awaited together share one pool: replace it once
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
             result = False
         self._cache[key] = result
         return result
+
+    def _worker(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=1)
+        return self._pool
+
+    def warm(self) -> None:
+        """Start the worker and its imports now, so the first real check is not the one that
+        pays for them (seconds on a busy machine) and times out."""
+        self._worker().submit(_math_verify, "1", "1")
 
     async def group(self, answers: Sequence[str | None]) -> list[int]:
         """Group index of each answer, as `group_answers` does (slow checks awaited first)."""

@@ -52,13 +52,14 @@ OnTokens = Callable[[ChoiceText], None]
 
 class ResponseObserver:
     def __init__(self, kind: str, stream: bool, on_tokens: OnTokens | None = None,
-                 interval: int = 64) -> None:
+                 interval: int = 64, live: bool = False) -> None:
         self._kind = kind
         self._stream = stream
         self._on_tokens = on_tokens
         self._interval = interval
         self._raw: list[bytes] = []
-        self._sse = SseReader() if stream and on_tokens is not None else None
+        # Parsed as it arrives when probed, or when the proxy may have to end it (`live`).
+        self._sse = SseReader() if stream and (on_tokens is not None or live) else None
         self._out = Outcome(choices={}, finish_order=[])
         self.envelope: dict[str, Any] = {}  # id, object, created, model of the stream
         self.reasoning_field: str | None = None  # where the server put reasoning text

@@ -3,7 +3,9 @@
 A program is either one request with `n > 1` or several requests that share
 an `X-Dynasor-Program` header. After each finished sample, its answer joins the
 program's answers, equivalent answers are grouped (math-aware, off the event
-loop) and certaindex = 1 - H/log(n) is recorded.
+loop) and certaindex = 1 - H/log(n) is recorded. Under a self-consistency policy
+a tagged program gets a verdict once the policy stops: the majority answer of
+the samples read so far, which answers the program's later samples.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from proxy.certaindex import entropy_certaindex, group_sizes
 from proxy.equivalence import AsyncEquivalence
 from proxy.metrics import Metrics
+from proxy.policy import ScPolicy, decide_sc
 
 PROGRAM_HEADER = b"x-dynasor-program"
 
@@ -35,6 +38,15 @@ class ScoredSample:
     certaindex: float
 
 
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Where the policy stopped a program: its answer after `samples` samples were read."""
+
+    answer: str | None
+    samples: int
+    reason: str
+
+
 class Programs:
     """The answers of recent programs, in memory (oldest forgotten past `capacity`)."""
 
@@ -43,6 +55,8 @@ class Programs:
         self._metrics = metrics
         self._capacity = capacity
         self._answers: OrderedDict[str, list[str | None]] = OrderedDict()
+        self._groups: dict[str, list[int]] = {}
+        self._verdicts: dict[str, Verdict] = {}
         self._lock = asyncio.Lock()  # samples of one program finish concurrently
 
     async def add(self, program_id: str, samples: list[FinishedSample]) -> list[ScoredSample]:
@@ -52,11 +66,28 @@ class Programs:
             answers = self._answers.pop(program_id, [])
             self._answers[program_id] = answers
             while len(self._answers) > self._capacity:
-                self._answers.popitem(last=False)
+                gone, _ = self._answers.popitem(last=False)
+                self._groups.pop(gone, None)
+                self._verdicts.pop(gone, None)
             for sample in samples:
                 answers.append(sample.answer)
-                groups = await self._equivalence.group(answers)
+                groups = self._groups[program_id] = await self._equivalence.group(answers)
                 value = entropy_certaindex(group_sizes(groups))
                 self._metrics.observe_certaindex("sc", value)
                 scored.append(ScoredSample(sample, len(answers) - 1, groups[-1], value))
         return scored
+
+    def verdict(self, program_id: str) -> Verdict | None:
+        """The program's verdict, once its policy stopped it."""
+        return self._verdicts.get(program_id)
+
+    def decide(self, program_id: str, policy: ScPolicy) -> Verdict | None:
+        """Put the program's answers so far to the policy; a stop becomes its verdict (once)."""
+        if program_id in self._verdicts or program_id not in self._answers:
+            return None
+        answers = self._answers[program_id]
+        decision = decide_sc(policy, answers, self._groups.get(program_id))
+        if not decision.stop:
+            return None
+        verdict = self._verdicts[program_id] = Verdict(decision.answer, len(answers), decision.reason)
+        return verdict

@@ -44,6 +44,8 @@ def decision_of(ex: Exchange) -> StopInfo | None:
     if ex.program is not None:
         p = ex.program
         return StopInfo(p.decided_at, p.answer, p.reason) if p.decided_at is not None else None
+    if ex.member:
+        return ex.enforced
     return ex.probes.stop if ex.probes else None
 
 
@@ -110,7 +112,9 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
         for p in probes
     ]
     sample_rows: list[dict[str, Any]] = []
-    if ex.program_id is not None and outcome is not None and ex.status == 200:
+    # A sample the proxy ended with its program's verdict adds no answer of its own.
+    verdict_answered = ex.member and ex.enforced is not None
+    if ex.program_id is not None and outcome is not None and ex.status == 200 and not verdict_answered:
         finished = [
             FinishedSample(i, final_answer(choices[i]), None if len(choices) > 1 else tokens,
                            choices[i].finish_reason)

@@ -51,6 +51,7 @@ class Sample:
     headers: Headers = field(default_factory=list)
     error: str | None = None  # the upstream failed this sample
     error_body: bytes = b""  # the upstream's error response, when it answered with one
+    answered: bool = False  # its answer (final, or the check probe's) has come in
     checked: bool = False  # its answer was read by the policy
     finished: bool = False
     aborted: bool = False
@@ -186,14 +187,20 @@ class ProgramRun:
         self._events.put_nowait(("finished", sample, sample.answer))
 
     def _waiting(self, decided: bool) -> bool:
-        """Whether a sample is still generating, or its answer still being read."""
-        return any(not s.settled or (not decided and s.probe is not None and not s.checked and not s.aborted)
+        """Whether a sample is still generating, or its answer still to come."""
+        return any(not s.settled or (not decided and s.probe is not None and not s.answered and not s.aborted)
                    for s in self.samples)
 
     async def run(self, on_finished: OnFinished | None = None) -> ProgramResult:
-        """Generate, decide, abort what is not needed; `on_finished` sees each finished sample."""
+        """Generate, decide, abort what is not needed; `on_finished` sees each finished sample.
+
+        Answers are read in the order the samples were started, as `calibrate` replays
+        them in recorded order: a sample that answers early waits for those before it
+        (reading in finish order would favour short samples over the calibrated rule).
+        """
         for _ in range(self._parallel):
             self._start()
+        ready: dict[int, str | None] = {}  # answers not read yet, by sample index
         answers: list[str | None] = []
         read: list[Sample] = []
         finished: list[Sample] = []
@@ -210,20 +217,24 @@ class ProgramRun:
                     if on_finished is not None:
                         await on_finished(sample)
                     if sample.probe is not None:
-                        continue  # its answer is the probe's, read at the check
-                if sample.checked or used is not None:
+                        continue  # its answer is the probe's, from the check
+                if sample.answered or used is not None:
                     continue
-                sample.checked = True
-                answers.append(answer)
-                read.append(sample)
-                groups = await self._equivalence.group(answers)
-                certaindex = entropy_certaindex(group_sizes(groups))
-                decision = decide_sc(self.policy, answers, groups)
-                if decision.stop:
-                    used, reason = list(read), decision.reason
-                    if self.enforcing:
-                        await self._abort_unread()
-                elif all(s.checked or s.aborted or s.error for s in self.samples):
+                sample.answered = True
+                ready[sample.index] = answer
+                while used is None and len(read) in ready:
+                    nxt = self.samples[len(read)]
+                    nxt.checked = True
+                    answers.append(ready.pop(len(read)))
+                    read.append(nxt)
+                    groups = await self._equivalence.group(answers)
+                    certaindex = entropy_certaindex(group_sizes(groups))
+                    decision = decide_sc(self.policy, answers, groups)
+                    if decision.stop:
+                        used, reason = list(read), decision.reason
+                        if self.enforcing:
+                            await self._abort_unread()
+                if used is None and len(read) == len(self.samples):
                     for _ in range(min(self._parallel, self._limit - len(self.samples))):
                         self._start()  # the next wave
         finally:

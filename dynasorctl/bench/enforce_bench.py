@@ -1,9 +1,11 @@
 """`dynasorctl bench enforce`: what enforcement really does, beside what `evaluate` predicted.
 
 Every problem of a trace file goes through the proxy in enforce mode (100%) in
-front of the replay upstream, as a plain streaming client; the answers clients
-received are graded against the gold answers, and the tokens the upstream
-really generated and the probes really sent give the net savings.
+front of the replay upstream; the answers clients received are graded against
+the gold answers, and the tokens the upstream really generated and the probes
+really sent give the net savings. Chain-of-thought traces go as plain streaming
+clients; self-consistency programs as one non-streamed request of n samples
+(seed 0: the replay answers sample i to seed i, in recorded order).
 """
 
 from __future__ import annotations
@@ -11,33 +13,41 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dynasorctl.calibration.evaluate import Summary, evaluate_cot
+from dynasorctl.calibration.evaluate import Summary, evaluate_cot, evaluate_sc
 from dynasorctl.calibration.grading import Grader
-from dynasorctl.calibration.observed import ObservedRun, run_from_trace
+from dynasorctl.calibration.observed import ObservedRun, program_from_trace, run_from_trace
+from dynasorctl.calibration.sc import replay_program
 from dynasorctl.calibration.table import PROBE_PROMPT_COST
 from dynasorctl.stack import replay_and_proxy
-from dynasorctl.traces import CotTrace
+from dynasorctl.traces import CotTrace, ScProgram
 from proxy.certaindex import extract_boxed
 from proxy.policy import PolicyFile
 from proxy.store.db import open_store
 from proxy.store.models import RequestRow
 
+T = TypeVar("T")
+
 
 @dataclass(slots=True)
 class Received:
-    """What one client got through the enforcing proxy."""
+    """What one client got through the enforcing proxy, and what the full run would have been."""
 
-    trace: CotTrace
     answer: str | None
     generated: int  # main tokens the upstream really generated
     stopped: bool
+    full_tokens: int  # main tokens of the unstopped run (every sample of a program)
+    full_answer: str | None  # the unstopped run's answer (a program's majority)
+    full_correct: bool
+    gold: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +61,7 @@ class Observed:
     probe_tokens: int
 
 
-async def _client(proxy_url: str, trace: CotTrace, client: httpx.AsyncClient) -> Received:
+async def _trace_client(proxy_url: str, trace: CotTrace, client: httpx.AsyncClient) -> Received:
     body = {"model": trace.model, "seed": trace.seed, "stream": True,
             "messages": [{"role": "user", "content": trace.problem}]}
     text: list[str] = []
@@ -68,22 +78,38 @@ async def _client(proxy_url: str, trace: CotTrace, client: httpx.AsyncClient) ->
                 ext = data.get("dynasor", ext)
                 for choice in data.get("choices") or ():
                     text.append((choice.get("delta") or {}).get("content") or "")
-    if ext is not None:
-        return Received(trace, extract_boxed("".join(text)), int(ext["generated_tokens"]), True)
-    return Received(trace, extract_boxed("".join(text)), trace.completion_tokens, False)
+    stopped = ext is not None
+    return Received(extract_boxed("".join(text)),
+                    int(ext["generated_tokens"]) if stopped else trace.completion_tokens, stopped,
+                    trace.completion_tokens, trace.final_answer, bool(trace.final_correct), trace.gold)
 
 
-async def send_through(proxy_url: str, traces: list[CotTrace], concurrency: int,
-                       on_done) -> list[Received]:
+def _program_client(grader: Grader) -> Callable[[str, ScProgram, httpx.AsyncClient], Awaitable[Received]]:
+    async def send(proxy_url: str, program: ScProgram, client: httpx.AsyncClient) -> Received:
+        body = {"model": program.model, "seed": 0, "n": len(program.samples),
+                "messages": [{"role": "user", "content": program.problem}]}
+        resp = await client.post(f"{proxy_url}/v1/chat/completions", json=body)
+        resp.raise_for_status()
+        ext = resp.json()["dynasor"]
+        full = replay_program(program_from_trace(program), None, grader)
+        return Received(ext["answer"], int(ext["generated_tokens"]), bool(ext["stopped"]), full.tokens,
+                        full.answer, grader.same(program.gold, full.answer), program.gold)
+
+    return send
+
+
+async def send_through(proxy_url: str, items: Sequence[T], concurrency: int, on_done: Callable[[], object],
+                       client_for: Callable[[str, T, httpx.AsyncClient], Awaitable[Received]],
+                       ) -> list[Received]:
     slots = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=600) as client:
-        async def one(trace: CotTrace) -> Received:
+        async def one(item: T) -> Received:
             async with slots:
-                got = await _client(proxy_url, trace, client)
+                got = await client_for(proxy_url, item, client)
             on_done()
             return got
 
-        return list(await asyncio.gather(*(one(t) for t in traces)))
+        return list(await asyncio.gather(*(one(t) for t in items)))
 
 
 def observed(received: list[Received], db_url: str, grader: Grader) -> Observed:
@@ -92,16 +118,15 @@ def observed(received: list[Received], db_url: str, grader: Grader) -> Observed:
         rows = s.scalars(select(RequestRow)).all()
     probes = sum(r.probe_count for r in rows)
     probe_tokens = sum(r.probe_tokens for r in rows)
-    total = sum(r.trace.completion_tokens for r in received)
+    total = sum(r.full_tokens for r in received)
     generated = sum(r.generated for r in received)
     right_full = right_policy = 0
     for r in received:
-        full = bool(r.trace.final_correct)
-        right_full += full
-        if not r.stopped or grader.same(r.trace.final_answer, r.answer):
-            right_policy += full  # an unchanged answer keeps its grading, as in evaluate
+        right_full += r.full_correct
+        if not r.stopped or grader.same(r.full_answer, r.answer):
+            right_policy += r.full_correct  # an unchanged answer keeps its grading, as in evaluate
         else:
-            right_policy += grader.same(r.trace.gold, r.answer)
+            right_policy += grader.same(r.gold, r.answer)
     n = len(received)
     cost = probe_tokens + PROBE_PROMPT_COST * probes
     return Observed(
@@ -112,18 +137,23 @@ def observed(received: list[Received], db_url: str, grader: Grader) -> Observed:
     )
 
 
-def predicted(traces: list[CotTrace], policy: PolicyFile, grader: Grader) -> Summary:
-    runs: list[ObservedRun] = [run_from_trace(t) for t in traces]
+def predicted(records: Sequence[CotTrace] | Sequence[ScProgram], policy: PolicyFile,
+              grader: Grader) -> Summary:
+    if policy.kind == "sc":
+        return evaluate_sc([program_from_trace(p) for p in records], policy, grader)[1]  # type: ignore[arg-type]
+    runs: list[ObservedRun] = [run_from_trace(t) for t in records]  # type: ignore[arg-type]
     return evaluate_cot(runs, policy, grader)[1]
 
 
-def run(traces_file: Path, traces: list[CotTrace], policy_file: Path, policy: PolicyFile,
-        tokens_per_second: float, concurrency: int, on_done) -> tuple[Summary, Observed]:
+def run(traces_file: Path, records: Sequence[CotTrace] | Sequence[ScProgram], policy_file: Path,
+        policy: PolicyFile, tokens_per_second: float, concurrency: int,
+        on_done: Callable[[], object]) -> tuple[Summary, Observed]:
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / f"dynasor-bench-enforce-{os.getpid()}"
     logs.mkdir(parents=True, exist_ok=True)
     db_url = f"sqlite:///{logs}/enforce.db"
     proxy_args = ["--db", db_url, "--mode", "enforce", "--policy", str(policy_file)]
-    with replay_and_proxy(traces_file, tokens_per_second, proxy_args, logs) as (_, proxy_url):
-        received = asyncio.run(send_through(proxy_url, traces, concurrency, on_done))
     with Grader() as grader:
-        return predicted(traces, policy, grader), observed(received, db_url, grader)
+        client_for = _program_client(grader) if policy.kind == "sc" else _trace_client
+        with replay_and_proxy(traces_file, tokens_per_second, proxy_args, logs) as (_, proxy_url):
+            received = asyncio.run(send_through(proxy_url, records, concurrency, on_done, client_for))
+        return predicted(records, policy, grader), observed(received, db_url, grader)

@@ -89,8 +89,44 @@ def register(app: typer.Typer) -> None:
 
 
 @bench_app.command()
+def dashboard(
+    requests: Annotated[int, typer.Option(min=1, help="Requests to seed the store with.")] = 100_000,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs of each query.")] = 5,
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate/--no-calibrate", help="Also time a calibration (c) on the store.")] = True,
+    keep: Annotated[Path | None, typer.Option(
+        help="Seed the store here and keep it (default: a temporary directory).")] = None,
+) -> None:
+    """Every dashboard query timed on a seeded store (SQLite, migrated, indexed)."""
+    import tempfile
+
+    from rich.table import Table
+
+    from dynasorctl.bench import dashboard_bench
+
+    def say(line: str) -> None:
+        err_console.print(line, style="dim")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = keep or Path(tmp) / "bench.db"
+        try:
+            timings = dashboard_bench.run(path, requests, repeats, calibrate, say)
+        except FileExistsError as exc:
+            raise UserError(str(exc)) from exc
+    table = Table(title=f"Dashboard queries on a store of {requests:,} requests "
+                  f"(median and worst of {repeats})")
+    for col in ("query", "rows", "median ms", "worst ms"):
+        table.add_column(col, justify="left" if col == "query" else "right")
+    for t in timings:
+        table.add_row(t.query, f"{t.rows:,}", f"{t.median_ms:,.1f}", f"{t.max_ms:,.1f}")
+    Console().print(table)
+
+
+@bench_app.command()
 def enforce(
-    traces: Annotated[Path, typer.Option("--traces", help="Chain-of-thought trace file to send.")],
+    traces: Annotated[Path, typer.Option(
+        "--traces", help="Trace file to send: chain-of-thought traces, or self-consistency programs "
+        "for an sc policy.")],
     policy: Annotated[Path, typer.Option("--policy", help="Policy file to enforce (TOML).")],
     tokens_per_second: Annotated[float, typer.Option(
         min=0, help="Replay speed per stream (far above it, probes fall behind the stream).")] = 500.0,
@@ -103,22 +139,21 @@ def enforce(
 
     from dynasorctl.bench import enforce_bench
     from dynasorctl.calibration.policyfile import read_policy_file
-    from dynasorctl.traces import TraceFileError, load_cot
+    from dynasorctl.traces import TraceFileError, load_cot, load_sc
 
     pf = read_policy_file(policy)
-    if pf.kind != "cot":
-        raise UserError(f"{policy} is not a chain-of-thought policy: enforcement covers those today")
     try:
-        records = load_cot(traces)
+        records = load_sc(traces) if pf.kind == "sc" else load_cot(traces)
     except TraceFileError as exc:
-        raise UserError(str(exc)) from exc
+        raise UserError(f"{exc} (the policy is a {pf.kind} policy)") from exc
     records = records[:limit] if limit else records
     console = Console()
     with Progress(console=console) as bar:
         task = bar.add_task("through the enforcing proxy", total=len(records))
         predicted, observed = enforce_bench.run(traces, records, policy, pf, tokens_per_second,
                                                 concurrency, lambda: bar.advance(task))
-    table = Table(title=f"{policy.name} on {len(records)} traces of {traces.name}")
+    what = "programs" if pf.kind == "sc" else "traces"
+    table = Table(title=f"{policy.name} on {len(records)} {what} of {traces.name}")
     for col in ("", "evaluate (predicted)", "through the proxy (observed)", "difference"):
         table.add_column(col, justify="right")
     rows = [

@@ -7,9 +7,12 @@ import re
 import subprocess
 import sys
 
-from dynasorctl.traces import PACKAGED_SAMPLE
+import pytest
 
-POLICY = 'version = 1\nkind = "cot"\nmodel = "*"\n\n[cot]\ninterval = 128\nwindow = 4\n'
+from dynasorctl.traces import PACKAGED_SAMPLE, PACKAGED_SC_SAMPLE
+
+COT = 'version = 1\nkind = "cot"\nmodel = "*"\n\n[cot]\ninterval = 128\nwindow = 4\n'
+SC = 'version = 1\nkind = "sc"\nmodel = "*"\n\n[sc]\nthreshold = 0.5\nmin_samples = 2\n'
 
 
 def _row(out: str, name: str) -> tuple[float, float]:
@@ -18,12 +21,15 @@ def _row(out: str, name: str) -> tuple[float, float]:
     return float(match.group(1)), float(match.group(2))
 
 
-def test_enforced_accuracy_and_savings_match_evaluate_within_a_point(tmp_path):
+@pytest.mark.parametrize(("policy_text", "traces", "speed"),
+                         [(COT, PACKAGED_SAMPLE, "500"), (SC, PACKAGED_SC_SAMPLE, "5000")],
+                         ids=["chain-of-thought", "self-consistency"])
+def test_enforced_accuracy_and_savings_match_evaluate_within_a_point(tmp_path, policy_text, traces, speed):
     policy = tmp_path / "policy.toml"
-    policy.write_text(POLICY)
+    policy.write_text(policy_text)
     result = subprocess.run(
-        [sys.executable, "-m", "dynasorctl", "bench", "enforce", "--traces", str(PACKAGED_SAMPLE),
-         "--policy", str(policy)], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "dynasorctl", "bench", "enforce", "--traces", str(traces),
+         "--policy", str(policy), "--tokens-per-second", speed], capture_output=True, text=True, timeout=300,
         env={**os.environ, "COLUMNS": "120"})
     assert result.returncode == 0, result.stderr[-2000:]
     predicted_acc, observed_acc = _row(result.stdout, "accuracy, policy")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -88,6 +89,17 @@ async def test_enforce_aborts_samples_whose_answer_is_not_needed(sc_policy):
     assert 80 < ext["generated_tokens"] < 80 + 2000  # the aborted sample's tokens count
     assert body["usage"]["completion_tokens"] == ext["generated_tokens"]
     assert len(body["choices"]) == 2
+
+
+async def test_answers_are_read_in_the_order_samples_started_as_calibrate_replays_them(sc_policy):
+    # Samples 1 and 2 agree first, but sample 0 is read first: its answer differs, no stop.
+    made, handler = samples([("5", 60, 0.002), ("7", 5, 0.001), ("7", 5, 0.001)])
+    app, upstream, sink, client = make(handler, mode="enforce", policy_file=sc_policy, sc_parallel=3)
+    async with app:
+        r = await client.post("/v1/chat/completions", json=chat_body(n=3))
+    ext = r.json()["dynasor"]
+    assert (ext["samples_used"], ext["samples_aborted"], ext["stopped"], ext["answer"]) == (3, 0, False, "7")
+    assert made[0].sent == len(made[0].parts)
 
 
 async def test_enforce_keeps_sampling_while_answers_disagree(sc_policy):
@@ -183,3 +195,90 @@ def test_sample_requests_carry_one_sample_each(sc_policy):
     sent = json.loads(run._sample_body(1))
     assert (sent["n"], "best_of" in sent, sent["stream"]) == (1, False, True)
     assert sent["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
+
+
+# --- programs tagged by header: one request a sample -------------------------------------------
+
+
+def tagged(script: list[tuple[str, int, float]]):
+    """Main requests get the next (answer, tokens, seconds a token); prompt counts get 17."""
+    made: list[FakeResponse] = []
+
+    def handler(call: Call):
+        body = call.json()
+        if body.get("max_tokens") == 1 and body.get("stream") is False:
+            usage = {"prompt_tokens": 17, "completion_tokens": 1, "total_tokens": 18}
+            return FakeResponse(200, parts=[json.dumps({"choices": [], "usage": usage}).encode()])
+        answer, tokens, delay = script[len(made)]
+        pieces = ["x "] * (tokens - 1) + [f"\\boxed{{{answer}}}"]
+        made.append(FakeResponse(200, list(SSE), chat_stream(pieces), delay_s=delay))
+        return made[-1]
+
+    return made, handler
+
+
+async def settled(app) -> None:
+    """Wait until every finished request has been recorded (and its program decided)."""
+    while app._finalizing:
+        await asyncio.wait(set(app._finalizing))
+
+
+async def test_a_decided_tagged_program_answers_later_samples_without_generating(sc_policy):
+    made, handler = tagged([("42", 5, 0.001)] * 3)
+    app, upstream, sink, client = make(handler, mode="enforce", policy_file=sc_policy)
+    tag = {"x-dynasor-program": "p1"}
+    async with app:
+        for _ in range(2):
+            r = await client.post("/v1/chat/completions", json=chat_body(stream=True), headers=tag)
+            assert b"\\boxed{42}" in r.content and "dynasor" not in r.text
+            await settled(app)
+        r = await client.post("/v1/chat/completions", json=chat_body(), headers=tag)
+        s = await client.post("/v1/chat/completions", json=chat_body(stream=True), headers=tag)
+        await settled(app)
+    assert len(made) == 2  # the third and fourth samples were never generated
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == "**Final Answer**\n\\boxed{42}"
+    assert body["choices"][0]["finish_reason"] == "stop" and r.headers["x-dynasor-mode"] == "enforce"
+    assert body["dynasor"] == {"stopped": True, "program_verdict": True, "samples_read": 2, "answer": "42",
+                               "generated_tokens": 0, "reason": "program decided: certaindex 1.00"}
+    assert body["usage"] == {"prompt_tokens": 17, "completion_tokens": 0, "total_tokens": 17}
+    assert s.content.endswith(b"data: [DONE]\n\n") and b'"program_verdict": true' in s.content
+    records = [rec.request for rec in sink.records]
+    assert [r["decision_token"] for r in records] == [None, 2, 2, 2]
+    assert [r["enforced"] for r in records] == [False, False, True, True]
+    assert sum(len(rec.samples) for rec in sink.records) == 2  # verdicts add no answers
+
+
+async def test_a_tagged_sample_in_flight_is_cut_when_its_program_is_decided(sc_policy):
+    made, handler = tagged([("9", 3000, 0.001), ("42", 5, 0.001), ("42", 5, 0.001)])
+    app, upstream, sink, client = make(handler, mode="enforce", policy_file=sc_policy)
+    tag = {"x-dynasor-program": "p2"}
+    async with app:
+        slow = asyncio.create_task(client.post("/v1/chat/completions", json=chat_body(stream=True), headers=tag))
+        while not made:
+            await asyncio.sleep(0.001)
+        for _ in range(2):
+            await client.post("/v1/chat/completions", json=chat_body(stream=True), headers=tag)
+            await settled(app)
+        r = await slow
+    assert made[0].closed and made[0].sent < len(made[0].parts)
+    assert r.content.endswith(b"data: [DONE]\n\n")
+    evs = events(r.content)
+    text = "".join(c["delta"].get("content") or "" for e in evs for c in e["choices"])
+    assert text.startswith("x x ") and text.endswith("\n\n**Final Answer**\n\\boxed{42}")
+    ext = next(e["dynasor"] for e in evs if "dynasor" in e)
+    assert ext["program_verdict"] and ext["samples_read"] == 2 and 0 < ext["generated_tokens"] < 3000
+
+
+async def test_shadow_records_where_a_tagged_program_would_have_stopped(sc_policy):
+    made, handler = tagged([("7", 5, 0.001)] * 3)
+    app, upstream, sink, client = make(handler, mode="shadow", policy_file=sc_policy)
+    async with app:
+        for _ in range(3):
+            r = await client.post("/v1/chat/completions", json=chat_body(stream=True),
+                                  headers={"x-dynasor-program": "p3"})
+            assert r.content == b"".join(made[-1].parts)  # unchanged
+            await settled(app)
+    assert len(made) == 3
+    assert [rec.request["decision_token"] for rec in sink.records] == [None, 2, None]
+    assert [rec.request["decision_answer"] for rec in sink.records] == [None, "7", None]

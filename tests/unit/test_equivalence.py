@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -60,5 +61,17 @@ async def test_async_equivalence_times_out_to_different(monkeypatch):
         assert await eq.same("x+1", "1+x") is False
         assert time.perf_counter() - started < 3
         assert eq.timeouts == 1
+    finally:
+        eq.close()
+
+
+async def test_checks_that_time_out_together_replace_the_worker_once(monkeypatch):
+    import proxy.equivalence as mod
+
+    monkeypatch.setattr(mod, "_math_verify", _slow_check)
+    eq = AsyncEquivalence(timeout_s=0.5)
+    try:
+        assert await asyncio.gather(eq.same("x+1", "1+x"), eq.same("2x", "x*2")) == [False, False]
+        assert eq.timeouts == 2
     finally:
         eq.close()
