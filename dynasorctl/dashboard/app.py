@@ -69,6 +69,8 @@ class DashboardApp(App[None]):
     #right { width: 1fr; border-left: solid $primary; }
     #timeline { height: 1fr; padding: 0 1; }
     #savings { height: 1fr; padding: 0 1; border-top: solid $primary; }
+    #requests { height: 1fr; }
+    #calibration { height: auto; max-height: 16; padding: 0 1; border-top: solid $primary; }
     #rollout { height: 1fr; padding: 0 1; border-top: solid $primary; }
     ConfirmScreen { align: center middle; }
     #dialog { width: 64; height: auto; border: thick $error; background: $surface; padding: 1 2; }
@@ -88,7 +90,7 @@ class DashboardApp(App[None]):
 
     def __init__(self, source: StoreSource, proxy_url: str | None = None, *,
                  transport: httpx.BaseTransport | None = None, refresh_s: float = 2.0,
-                 savings_s: float = 30.0,
+                 savings_s: float = 60.0,
                  calibration: CalibrationSettings | None = None) -> None:
         super().__init__()
         self.source = source
@@ -118,12 +120,13 @@ class DashboardApp(App[None]):
                 yield Input(placeholder="filter: model, mode (observe shadow enforce ...), "
                             "outcome (ok error enforced)", id="filter")
                 yield DataTable(id="requests", cursor_type="row", zebra_stripes=True)
+                with VerticalScroll(id="calibration"):
+                    yield Static(calibration_text(None, None), id="calibration-text")
             with Vertical(id="right"):
                 with VerticalScroll(id="timeline"):
                     yield Static(timeline_text(None), id="timeline-text")
                 with VerticalScroll(id="savings"):
                     yield Static(savings_text(None), id="savings-text")
-                    yield Static(calibration_text(None, None), id="calibration-text")
                 with VerticalScroll(id="rollout"):
                     yield Static(rollout_text(None), id="rollout-text")
         yield Footer()
@@ -208,6 +211,10 @@ class DashboardApp(App[None]):
         except SourceError as exc:
             self.call_from_thread(self._show_savings, None, str(exc))
             return
+        except Exception as exc:  # noqa: BLE001 - a replay surprise must not end the dashboard
+            self.call_from_thread(self._show_savings, None,
+                                  f"savings failed: {type(exc).__name__}: {exc}")
+            return
         self.call_from_thread(self._show_savings, found, None)
 
     def _show_savings(self, found: Savings | None, problem: str | None) -> None:
@@ -241,6 +248,9 @@ class DashboardApp(App[None]):
             result = self.source.calibrate(settings, progress)
         except (UserError, SourceError) as exc:
             self.call_from_thread(self._calibrated, None, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - a calibration bug must not end the dashboard
+            self.call_from_thread(self._calibrated, None, f"{type(exc).__name__}: {exc}")
             return
         self.call_from_thread(self._calibrated, result, None)
 
@@ -377,7 +387,7 @@ def parse_percent(text: str) -> float:
 
 def create_app(source: StoreSource, proxy_url: str | None = None, *,
                transport: httpx.BaseTransport | None = None, refresh_s: float = 2.0,
-               savings_s: float = 30.0,
+               savings_s: float = 60.0,
                calibration: CalibrationSettings | None = None) -> DashboardApp:
     """The dashboard over `source`; with `proxy_url`, its `/health` is read too."""
     return DashboardApp(source, proxy_url, transport=transport, refresh_s=refresh_s,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Engine, select
 
@@ -74,15 +75,28 @@ class CalibrationResult:
     message: str | None = None  # why nothing was recommended
 
 
-def _target_text(target: Target, labelled: bool) -> str:
-    if target.max_accuracy_drop is not None and labelled:
-        return f"≤{pts(target.max_accuracy_drop)} pts answers lost"
-    return f"≤{pts(target.max_answer_change)} pts answers changed"
+def _target_text(target: Target) -> str:
+    limits = [(name, getattr(target, attr, None)) for name, attr in (
+        ("accuracy drop", "max_accuracy_drop"), ("answers lost", "max_answers_lost"),
+        ("answers changed", "max_answer_change"))]
+    return ", ".join(f"≤{pts(value)} pts {name}" for name, value in limits if value is not None)
+
+
+def _changed_bound(f: Any) -> float:
+    """The 95% bound on answers changed that calibration certified with.
+
+    Per problem (`f.damage`) where calibration computes one, else per run (older
+    figures carry it as `f.changed_upper`).
+    """
+    damage = getattr(f, "damage", None)
+    if damage is not None and getattr(damage, "changed_upper", None) is not None:
+        return float(damage.changed_upper)
+    return float(f.changed_upper)
 
 
 def _frontier(cal: Calibration) -> list[FrontierPoint]:
     return [FrontierPoint(e.candidate.name, e.holdout.net_saved, e.holdout.changed_share,
-                          e.holdout.changed_upper, e.tested, e.certified)
+                          _changed_bound(e.holdout), e.tested, e.certified)
             for e in cal.frontier if e.holdout is not None]
 
 
@@ -108,10 +122,12 @@ def run_calibration(engine: Engine, settings: CalibrationSettings = CalibrationS
         raise UserError("no probed chain-of-thought requests in the store: nothing to calibrate on")
     target = _target(runs, settings.max_accuracy_drop, settings.max_answer_change)
     need = _needed(target, ALPHA)
-    if len(runs) < need:
-        raise UserError(f"the store has {len(runs)} probed requests; calibration needs at least "
-                        f"{need} for this target (half are held out to certify it): record more "
-                        "traffic, or calibrate with `dynasorctl calibrate` and a looser target")
+    problems = len({r.group for r in runs})  # distinct prompts
+    if problems < need:
+        raise UserError(f"the store's newest {len(runs)} probed requests hold {problems} "
+                        f"problems (distinct prompts); calibration needs at least {need} for "
+                        "this target (half are held out to certify it): record more traffic, "
+                        "or calibrate with `dynasorctl calibrate` and a looser target")
     _check_reachable(runs, target, settings.seed, ALPHA)
     recorded = probe_interval(runs)
     if recorded == 0:
@@ -122,7 +138,6 @@ def run_calibration(engine: Engine, settings: CalibrationSettings = CalibrationS
     with Grader(workers=1) as grader:  # this worker thread; math-verify without signals
         cal = calibrate_cot(Replayer(table), Grades(table, grader), [r.group for r in runs],
                             target, settings.seed, ALPHA, progress)
-    labelled = any(r.gold is not None for r in runs)
     stored = message = None
     if cal.recommended is None:
         message = _no_policy_message(cal, target)
@@ -130,7 +145,7 @@ def run_calibration(engine: Engine, settings: CalibrationSettings = CalibrationS
         source = (f"store {engine.url.render_as_string()}: newest {len(runs)} probed requests "
                   "(dashboard)")
         stored = _store(engine, cal, target, source, settings.seed)
-    return CalibrationResult(len(runs), cal.holdout_runs, _target_text(target, labelled),
+    return CalibrationResult(len(runs), cal.holdout_runs, _target_text(target),
                              _frontier(cal),
                              cal.recommended.candidate.name if cal.recommended else None,
                              stored, message)

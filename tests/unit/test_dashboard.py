@@ -12,6 +12,7 @@ import typer
 from sqlalchemy import insert, select, update
 from typer.testing import CliRunner
 
+from dynasorctl.bench import dashboard_bench
 from dynasorctl.calibration.bounds import clopper_pearson_upper
 from dynasorctl.calibration.evaluate import evaluate_cot
 from dynasorctl.calibration.grading import Grader
@@ -466,6 +467,20 @@ def test_main_screen_snapshot(source, snap_compare):
     assert snap_compare(_app(source), terminal_size=(150, 40), run_before=settle)
 
 
+def test_calibration_screen_snapshot(tmp_path, snap_compare):
+    engine = open_store(f"sqlite:///{tmp_path}/calibrate.db")
+    write_records(engine, [_settled_run(i) for i in range(160)])
+    app = create_app(StoreSource(engine, clock=lambda: NOW), refresh_s=3600, calibration=LOOSE)
+
+    async def calibrate(pilot) -> None:
+        await _settle(pilot)
+        await pilot.press("c")
+        await _until(pilot, lambda: app.calibration is not None)
+        await _settle(pilot)
+
+    assert snap_compare(app, terminal_size=(150, 40), run_before=calibrate)
+
+
 def test_command_is_registered_with_its_options():
     app = typer.Typer()
     dashboard_command.register(app)
@@ -473,3 +488,19 @@ def test_command_is_registered_with_its_options():
     result = CliRunner().invoke(app, ["dashboard", "--help"])
     assert result.exit_code == 0
     assert "--db" in result.output and "--proxy" in result.output
+
+
+def test_dashboard_bench_times_every_query_on_a_seeded_store(tmp_path):
+    """The benchmark itself (figures are its output, not asserted): it runs, and reads data."""
+    timings = dashboard_bench.run(tmp_path / "bench.db", n=500, repeats=1, calibrate=False,
+                                  say=lambda line: None)
+    by_query = {t.query: t for t in timings}
+    assert by_query["requests, newest 100"].rows == 100
+    assert by_query["timeline of one request"].rows == dashboard_bench.PROBES_PER_RUN
+    # one request in five is probed: the finished ones, as `calibrate --db` reads them
+    finished = load_runs(make_engine(f"sqlite:///{tmp_path}/bench.db")).runs
+    assert 90 <= len(finished) <= 100
+    assert by_query["savings: newest probed runs"].rows == len(finished)
+    assert all(t.median_ms >= 0 for t in timings)
+    with pytest.raises(FileExistsError):
+        dashboard_bench.run(tmp_path / "bench.db", n=10, say=lambda line: None)
