@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dynasorctl.calibration.bounds import clopper_pearson_upper
+from dynasorctl.calibration.damage import Damage, damage, problem_ranks
 from dynasorctl.calibration.grading import Grader
 from dynasorctl.calibration.replay import Stops
 from dynasorctl.calibration.table import ProbeTable
@@ -35,6 +35,8 @@ class Grades:
         self.correct = np.full(n_keys, -1, np.int8)  # credit of a stop here; -1: no gold
         self.same_final = np.full(n_keys, -1, np.int8)
         self.graded = np.zeros(n_keys, bool)
+        # Each run's problem in the bounds' fixed order (kept here: built once per table).
+        self.problem = problem_ranks([run.group for run in table.runs])
         self.full_correct = np.full(table.n_runs, -1, np.int8)  # -1: unlabelled
         self._final_right = np.full(table.n_runs, -1, np.int8)  # our grading of the final
         ungraded = [r for r, run in enumerate(table.runs)
@@ -100,8 +102,7 @@ class Figures:
     gained: int  # labelled runs wrong unstopped and right under the policy
     accuracy_full: float | None
     accuracy_policy: float | None
-    changed_upper: float  # 95% upper bound on the share of answers changed
-    lost_upper: float | None  # 95% upper bound on the share of answers lost
+    damage: Damage  # per problem, with the 95% bounds where computed
 
     @property
     def changed_share(self) -> float:
@@ -125,10 +126,38 @@ def never_stop_stops(table: ProbeTable) -> Stops:
                  probes=zeros, cost=zeros, decoded=zeros)
 
 
-def figures(table: ProbeTable, grades: Grades, stops: Stops, runs: np.ndarray,
-            alpha: float = 0.05) -> Figures:
-    """The figures of `stops` over the runs selected by the boolean mask `runs`."""
+@dataclass(frozen=True, slots=True)
+class Outcomes:
+    """Per run of the selection: what the policy did to its answer (bool arrays)."""
+
+    changed: np.ndarray  # differs from the unstopped run's answer
+    labelled: np.ndarray  # the run has a gold answer
+    lost: np.ndarray  # labelled, right unstopped, wrong under the policy
+    gained: np.ndarray  # labelled, wrong unstopped, right under the policy
+
+
+def outcomes(table: ProbeTable, grades: Grades, stops: Stops, runs: np.ndarray) -> Outcomes:
+    """Each selected run's outcome under `stops` (`runs`: a boolean mask over all runs)."""
     grades.ensure(stops.key[runs & stops.stopped])
+    stopped = stops.stopped[runs]
+    key = stops.key[runs]
+    same = np.where(stopped, grades.same_final[np.maximum(key, 0)] == 1, True)
+    same &= ~(stopped & (key < 0))
+    full = grades.full_correct[runs]
+    labelled = full >= 0
+    policy_ok = np.where(stopped, grades.correct[np.maximum(key, 0)] == 1, full == 1)
+    policy_ok &= ~(stopped & (key < 0))
+    return Outcomes(changed=~same, labelled=labelled, lost=labelled & (full == 1) & ~policy_ok,
+                    gained=labelled & (full == 0) & policy_ok)
+
+
+def figures(table: ProbeTable, grades: Grades, stops: Stops, runs: np.ndarray,
+            alpha: float = 0.05, bounds: bool = True) -> Figures:
+    """The figures of `stops` over the runs selected by the boolean mask `runs`.
+
+    `bounds`: compute the 95% bounds on damage (held out; the tuning split needs none).
+    """
+    out = outcomes(table, grades, stops, runs)
     n = int(runs.sum())
     main = table.main_tokens[runs]
     total = float(main.sum()) or 1.0
@@ -136,17 +165,13 @@ def figures(table: ProbeTable, grades: Grades, stops: Stops, runs: np.ndarray,
     stop_pos = table.pos[np.maximum(stops.row[runs], 0)]
     saved = float(np.where(stopped, main - stop_pos, 0).sum())
     cost = float(stops.cost[runs].sum())
-    key = stops.key[runs]
-    same = np.where(stopped, grades.same_final[np.maximum(key, 0)] == 1, True)
-    same &= ~(stopped & (key < 0))
-    changed = int((~same).sum())
+    changed = int(out.changed.sum())
     full = grades.full_correct[runs]
-    labelled = full >= 0
-    policy_ok = np.where(stopped, grades.correct[np.maximum(key, 0)] == 1, full == 1)
-    policy_ok &= ~(stopped & (key < 0))
+    labelled = out.labelled
     n_lab = int(labelled.sum())
-    lost = int((labelled & (full == 1) & ~policy_ok).sum())
-    gained = int((labelled & (full == 0) & policy_ok).sum())
+    lost = int(out.lost.sum())
+    gained = int(out.gained.sum())
+    right_full = int((full[labelled] == 1).sum())
     return Figures(
         runs=n,
         stopped=float(stopped.mean()) if n else 0.0,
@@ -157,8 +182,8 @@ def figures(table: ProbeTable, grades: Grades, stops: Stops, runs: np.ndarray,
         labelled=n_lab,
         lost=lost,
         gained=gained,
-        accuracy_full=float((full[labelled] == 1).mean()) if n_lab else None,
-        accuracy_policy=float(policy_ok[labelled].mean()) if n_lab else None,
-        changed_upper=clopper_pearson_upper(changed, n, alpha),
-        lost_upper=clopper_pearson_upper(lost, n_lab, alpha) if n_lab else None,
+        accuracy_full=right_full / n_lab if n_lab else None,
+        accuracy_policy=(right_full - lost + gained) / n_lab if n_lab else None,
+        damage=damage(grades.problem[runs], out.changed, out.labelled, out.lost, out.gained,
+                      alpha, bounds),
     )

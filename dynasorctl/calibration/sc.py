@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dynasorctl.calibration.bounds import clopper_pearson_upper
+import numpy as np
+
+from dynasorctl.calibration.damage import Damage, damage, problem_ranks
 from dynasorctl.calibration.grading import Grader
 from dynasorctl.calibration.observed import ObservedProgram
 from dynasorctl.calibration.search import (
@@ -88,8 +90,7 @@ class ScFigures:
     gained: int
     accuracy_full: float | None
     accuracy_policy: float | None
-    changed_upper: float
-    lost_upper: float | None
+    damage: Damage  # per problem (a program's group), with the 95% bounds where computed
 
     @property
     def changed_share(self) -> float:
@@ -101,11 +102,12 @@ class ScFigures:
 
 
 def sc_figures(programs: Sequence[ObservedProgram], policy: ScPolicy | None, grader: Grader,
-               alpha: float = 0.05) -> ScFigures:
+               alpha: float = 0.05, bounds: bool = True) -> ScFigures:
     """A policy's figures over these programs, against using every recorded sample."""
     total = used_tokens = cost = samples = used_samples = stopped = 0
-    changed = labelled = lost = gained = right_full = right_policy = 0
-    for program in programs:
+    right_full = right_policy = 0
+    flags = np.zeros((4, len(programs)), bool)  # changed, labelled, lost, gained
+    for i, program in enumerate(programs):
         full = replay_program(program, None, grader)
         out = replay_program(program, policy, grader)
         total += full.tokens
@@ -114,14 +116,13 @@ def sc_figures(programs: Sequence[ObservedProgram], policy: ScPolicy | None, gra
         samples += full.samples
         used_samples += out.samples
         stopped += out.samples < full.samples
-        changed += not grader.same(full.answer, out.answer) if out.samples < full.samples else 0
+        flags[0, i] = out.samples < full.samples and not grader.same(full.answer, out.answer)
         if program.gold is not None:
-            labelled += 1
             a, b = grader.same(program.gold, full.answer), grader.same(program.gold, out.answer)
             right_full += a
             right_policy += b
-            lost += a and not b
-            gained += b and not a
+            flags[1:, i] = True, a and not b, b and not a
+    changed, labelled, lost, gained = (int(f.sum()) for f in flags)
     n = len(programs)
     return ScFigures(
         runs=n, stopped=stopped / n if n else 0.0,
@@ -130,8 +131,8 @@ def sc_figures(programs: Sequence[ObservedProgram], policy: ScPolicy | None, gra
         changed=changed, labelled=labelled, lost=lost, gained=gained,
         accuracy_full=right_full / labelled if labelled else None,
         accuracy_policy=right_policy / labelled if labelled else None,
-        changed_upper=clopper_pearson_upper(changed, n, alpha),
-        lost_upper=clopper_pearson_upper(lost, labelled, alpha) if labelled else None,
+        damage=damage(problem_ranks([p.group for p in programs]), *flags, alpha=alpha,
+                      bounds=bounds),
     )
 
 
@@ -165,7 +166,8 @@ def calibrate_sc(programs: Sequence[ObservedProgram], grader: Grader, target: Ta
     cands = sc_candidates(max_samples)
     evaluated = []
     for i, (name, policy) in enumerate(cands):
-        evaluated.append(Evaluated(Candidate(name, policy), sc_figures(tune, policy, grader, alpha)))
+        evaluated.append(Evaluated(Candidate(name, policy),
+                                   sc_figures(tune, policy, grader, alpha, bounds=False)))
         if progress:
             progress("replaying candidates", i + 1, len(cands))
     certify(evaluated, lambda e: sc_figures(holdout, e.candidate.policy, grader, alpha),

@@ -4,7 +4,9 @@ Candidates are tuned (ordered, rules fitted) on one half of the problems only. O
 the other half they are tested in that fixed order (fixed-sequence testing): each
 must have a 95% upper bound on its damage within the target, and testing stops at
 the first that does not. Every policy certified this way is within target with 95%
-confidence jointly, however many candidates were searched.
+confidence jointly, however many candidates were searched. The bounds take the
+held-out problem as the independent unit (`damage.py`), since future traffic is
+new problems and the runs of one problem fail together.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from dynasorctl.calibration.bounds import fixed_sequence
+from dynasorctl.calibration.damage import Damage
 from dynasorctl.calibration.learn import fit_rule
 from dynasorctl.calibration.metrics import Grades, figures, never_stop_stops
 from dynasorctl.calibration.replay import Replayer, Stops
@@ -43,11 +46,8 @@ Progress = Callable[[str, int, int], None]
 class Measured(Protocol):
     """What the search reads from a policy's figures (chain-of-thought or self-consistency)."""
 
-    runs: int
     net_saved: float
-    changed: int
-    labelled: int
-    lost: int
+    damage: Damage
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,25 +57,42 @@ class Candidate:
 
 
 @dataclass(frozen=True, slots=True)
+class Risk:
+    """One constrained measure of a policy's damage, as shares (0.005 is half a point)."""
+
+    name: str  # "accuracy drop", "answers lost" or "answers changed"
+    share: float  # mean over the problems
+    upper: float | None  # its 95% upper bound (None: not computed)
+    target: float
+
+
+@dataclass(frozen=True, slots=True)
 class Target:
-    """The operator's bounds, as shares (0.005 is half a point); None: not constrained."""
+    """The operator's bounds, as shares (0.005 is half a point); None: not constrained.
+
+    Accuracy drop is answers lost minus answers gained, paired per problem.
+    """
 
     max_accuracy_drop: float | None
     max_answer_change: float | None
+    max_answers_lost: float | None = None
 
-    def risks(self, f: Measured) -> list[tuple[int, int, float]]:
-        """(events, trials, target) for each constrained risk the figures can speak to."""
-        out = []
-        if self.max_accuracy_drop is not None and f.labelled:
-            out.append((f.lost, f.labelled, self.max_accuracy_drop))
+    def risks(self, f: Measured) -> list[Risk]:
+        """Each constrained risk the figures can speak to (drop and lost need labels)."""
+        d, out = f.damage, []
+        if self.max_accuracy_drop is not None and d.labelled_problems:
+            out.append(Risk("accuracy drop", d.drop or 0.0, d.drop_upper,
+                            self.max_accuracy_drop))
+        if self.max_answers_lost is not None and d.labelled_problems:
+            out.append(Risk("answers lost", d.lost or 0.0, d.lost_upper, self.max_answers_lost))
         if self.max_answer_change is not None:
-            out.append((f.changed, f.runs, self.max_answer_change))
+            out.append(Risk("answers changed", d.changed, d.changed_upper,
+                            self.max_answer_change))
         return out
 
     def load(self, f: Measured) -> float:
         """The binding risk as a multiple of its target (for ordering only)."""
-        risks = self.risks(f)
-        return max((k / n / t if n else 0.0) for k, n, t in risks) if risks else 0.0
+        return max((r.share / r.target for r in self.risks(f)), default=0.0)
 
 
 @dataclass(slots=True)
@@ -172,7 +189,8 @@ def certify(evaluated: list[Evaluated], measure: Callable[[Evaluated], Measured]
         evaluated[i].on_frontier = True
     for i in list(range(baselines)) + sequence:
         evaluated[i].holdout = measure(evaluated[i])
-    passed = fixed_sequence([target.risks(evaluated[i].holdout) for i in sequence], alpha)
+    passed = fixed_sequence([[(r.upper if r.upper is not None else 1.0, r.target)
+                              for r in target.risks(evaluated[i].holdout)] for i in sequence])
     for i, ok in zip(sequence, passed):
         evaluated[i].tested = True
         evaluated[i].certified = ok and bool(target.risks(evaluated[i].holdout))
@@ -209,7 +227,8 @@ def calibrate_cot(replayer: Replayer, grades: Grades, groups: Sequence[str], tar
     if progress:
         progress("grading answers at the stops", 0, 1)
     grades.ensure(np.concatenate([st.key[tune] for st in stops.values()]))
-    evaluated = [Evaluated(c, figures(table, grades, stops[c.name], tune, alpha)) for c in cands]
+    evaluated = [Evaluated(c, figures(table, grades, stops[c.name], tune, alpha, bounds=False))
+                 for c in cands]
     if progress:
         progress("grading answers at the stops", 1, 1)
 

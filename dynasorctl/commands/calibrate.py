@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
@@ -19,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy import Engine
 
-from dynasorctl.calibration.bounds import clopper_pearson_upper
+from dynasorctl.calibration.damage import least_upper
 from dynasorctl.calibration.evaluate import (
     Summary,
     check_schedule,
@@ -86,6 +87,8 @@ class Kind(str, Enum):
     sc = "sc"
 
 
+DEFAULT_MAX_ACCURACY_DROP = 0.005  # the issue's target: half a point
+
 KIND_NAMES = {"cot": "chain-of-thought", "sc": "self-consistency"}
 
 
@@ -139,78 +142,117 @@ def _from_store(db: str | None, model: str, kind: Kind) -> _Source:
     return src
 
 
-def _needed(target: Target, alpha: float) -> int:
-    """Fewest records whose held-out half could meet the target with nothing damaged at all."""
-    limit = min(v for v in (target.max_accuracy_drop, target.max_answer_change) if v is not None)
+def _limits(target: Target) -> list[tuple[str, str, float]]:
+    """(option, measure, share) of each constrained measure."""
+    return [(option, name, value) for option, name, value in (
+        ("--max-accuracy-drop", "accuracy drop", target.max_accuracy_drop),
+        ("--max-answers-lost", "answers lost", target.max_answers_lost),
+        ("--max-answer-change", "answers changed", target.max_answer_change),
+    ) if value is not None]
+
+
+def _needed(target: Target, alpha: float, one_record_each: bool = True,
+            most: int = 200_000) -> int:
+    """Fewest problems whose held-out half could meet every target with nothing damaged.
+
+    Held-out problems, not records, are what the bounds count; `most`: give up above it.
+    """
     held = 1
-    while clopper_pearson_upper(0, held, alpha) > limit:
-        held += 1
+    for _, name, limit in _limits(target):
+        if least_upper(held, name, one_record_each, alpha) <= limit:
+            continue
+        lo, hi = held, held * 2  # the bound falls as problems are added: search by doubling
+        while hi <= most and least_upper(hi, name, one_record_each, alpha) > limit:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if least_upper(mid, name, one_record_each, alpha) <= limit \
+                else (mid, hi)
+        held = hi
     return 2 * held
 
 
 def _check_enough(src: _Source, target: Target, alpha: float) -> None:
-    """A store too small for the target fails with how much more it needs."""
+    """A store too small for the target fails with how many problems it needs."""
     assert src.engine is not None
-    have, need = len(src.data), _needed(target, alpha)
-    if have < need:
-        limit = min(v for v in (target.max_accuracy_drop, target.max_answer_change)
-                    if v is not None)
+    problems = len({d.group for d in src.data})
+    need = _needed(target, alpha)  # at least: as many when each problem has one record
+    if problems < need:
+        limit = min(value for _, _, value in _limits(target))
         raise UserError(
-            f"the store has {have} {src.records}; calibration needs at least {need} for a "
-            f"{pts(limit)}-point target (half are held out to certify it): record more "
-            f"traffic into {src.engine.url.render_as_string()}, point --db at another store, "
-            "raise the target, or calibrate on recorded traces with --traces FILE")
+            f"the store has {len(src.data)} {src.records} of {problems} problems (distinct "
+            f"prompts); calibration needs at least {need} problems for a {pts(limit)}-point "
+            f"target (half are held out to certify it): record more traffic into "
+            f"{src.engine.url.render_as_string()}, point --db at another store, raise the "
+            "target, or calibrate on recorded traces with --traces FILE")
 
 
-def _target(data: list, max_accuracy_drop: float | None,
-            max_answer_change: float | None) -> Target:
+def _target(data: list, max_accuracy_drop: float | None, max_answer_change: float | None,
+            max_answers_lost: float | None = None) -> Target:
     drop = _share(max_accuracy_drop, "--max-accuracy-drop")
     change = _share(max_answer_change, "--max-answer-change")
+    lost = _share(max_answers_lost, "--max-answers-lost")
+    if drop is None and change is None and lost is None:
+        drop = DEFAULT_MAX_ACCURACY_DROP
     labelled = any((d.gold is not None) for d in data)
     if not labelled:  # without labels, quality is measured as answers changed
-        change, drop = (change if change is not None else drop), None
-    if drop is None and change is None:
-        raise UserError("set a target: --max-accuracy-drop or --max-answer-change")
-    return Target(drop, change)
+        tightest = min((v for v in (drop, lost) if v is not None), default=None)
+        change, drop, lost = (change if change is not None else tightest), None, None
+    return Target(drop, change, lost)
 
 
 def _check_reachable(data: list, target: Target, seed: int, alpha: float) -> None:
-    """Fail fast when even a policy that damages nothing could not be certified."""
-    holdout = int((~split_by_group([d.group for d in data], seed)).sum())
-    if holdout == 0:
+    """Fail fast when even a policy that changes no answer could not be certified."""
+    held = ~split_by_group([d.group for d in data], seed)
+    if not held.any():
         raise UserError("too few problems to hold any out: calibration needs at least two")
-    best = clopper_pearson_upper(0, holdout, alpha)
-    for name, value in (("--max-accuracy-drop", target.max_accuracy_drop),
-                        ("--max-answer-change", target.max_answer_change)):
-        if value is not None and best > value:
+    for option, name, value in _limits(target):
+        kept = [d for d, h in zip(data, held) if h and (name == "answers changed"
+                                                        or d.gold is not None)]
+        per_problem = Counter(d.group for d in kept)
+        one_each = all(n == 1 for n in per_problem.values())
+        best = least_upper(len(per_problem), name, one_each, alpha)
+        if best > value:
+            need = _needed(Target(*(value if n == name else None for n in
+                                    ("accuracy drop", "answers changed", "answers lost"))),
+                           alpha, one_each)
+            why = ("since the problem, not the run, is the independent unit (the runs of one "
+                   "problem fail together)")
+            fix = (f"raise the target to at least {pts(best)} points or add problems"
+                   if best < 1.0 else "add problems")
             raise UserError(
-                f"{name} {pts(value)} points cannot be certified on {holdout} held-out records: "
-                f"even with no answer affected the 95% bound is {pts(best)} points; "
-                "raise the target or add data")
+                f"{option} {pts(value)} points is below what {len(per_problem)} held-out "
+                f"problems can certify: even a policy that changes no answer has a 95% bound "
+                f"of {pts(best)} points, {why}; {fix} (about {need} in all for "
+                f"{pts(value)} points)")
 
 
 def _provenance(cal: Calibration, target: Target, source: str,
                 seed: int) -> dict[str, str | int | float | bool]:
     assert cal.recommended is not None
     h = cal.recommended.holdout
+    d = h.damage
     out: dict[str, str | int | float | bool] = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": source,
         "candidate": cal.recommended.candidate.name,
         "seed": seed,
         "holdout_records": cal.holdout_runs,
+        "holdout_problems": cal.holdout_problems,
         "holdout_net_saved": round(h.net_saved, 6),
         "holdout_answers_changed": h.changed,
-        "holdout_answers_changed_upper95": round(h.changed_upper, 6),
-        "guarantee": "fixed-sequence testing, 95%",
+        "holdout_answers_changed_upper95": round(d.changed_upper, 6),
+        "guarantee": "fixed-sequence testing, 95%, per new problem",
+        "bound": "betting (Waudby-Smith & Ramdas 2023) over held-out problems",
     }
-    if h.labelled:
+    if d.labelled_problems:
         out["holdout_answers_lost"] = h.lost
-        out["holdout_answers_lost_upper95"] = round(h.lost_upper, 6)
-    if target.max_accuracy_drop is not None:
-        out["target_max_accuracy_drop"] = target.max_accuracy_drop
-    if target.max_answer_change is not None:
-        out["target_max_answer_change"] = target.max_answer_change
+        out["holdout_answers_gained"] = h.gained
+        out["holdout_answers_lost_upper95"] = round(d.lost_upper, 6)
+        out["holdout_accuracy_drop"] = round(d.drop, 6)
+        out["holdout_accuracy_drop_upper95"] = round(d.drop_upper, 6)
+    for _, name, value in _limits(target):
+        out[f"target_max_{name.replace(' ', '_')}"] = value
     return out
 
 
@@ -228,9 +270,15 @@ def calibrate(
         help="write the recommended policy file (TOML) here")] = None,
     plot: Annotated[Path | None, typer.Option(help="also save the frontier plot as a PNG")] = None,
     max_accuracy_drop: Annotated[float | None, typer.Option(
-        help="target: 95% upper bound on answers lost, in percentage points")] = 0.5,
+        help="target: 95% upper bound on the accuracy drop per new problem (answers lost "
+        "minus answers gained), in percentage points [default: 0.5 when no target is set]",
+        show_default=False)] = None,
+    max_answers_lost: Annotated[float | None, typer.Option(
+        help="target: 95% upper bound on answers lost per new problem (gains not netted "
+        "off), in percentage points", show_default=False)] = None,
     max_answer_change: Annotated[float | None, typer.Option(
-        help="target: 95% upper bound on answers changed, in percentage points")] = None,
+        help="target: 95% upper bound on answers changed per new problem, in percentage "
+        "points")] = None,
     model: Annotated[str, typer.Option(
         help='calibrate on this model\'s records only and scope the policy to it; "*": all')] = "*",
     seed: Annotated[int, typer.Option(help="seed of the split of problems into tune/holdout")] = 0,
@@ -246,7 +294,7 @@ def calibrate(
     alpha = 0.05
     src = _observations(traces, db, model, kind)
     data = src.data
-    target = _target(data, max_accuracy_drop, max_answer_change)
+    target = _target(data, max_accuracy_drop, max_answer_change, max_answers_lost)
     if src.engine is not None:
         _check_enough(src, target, alpha)
     _check_reachable(data, target, seed, alpha)
@@ -302,30 +350,29 @@ def calibrate(
 
 
 def _damage_text(e, target: Target) -> str:
-    h = e.holdout
-    parts = []
-    if target.max_accuracy_drop is not None and h.labelled:
-        parts.append(f"answers lost {pts(h.lost / h.labelled)} points "
-                     f"(95% bound {pts(h.lost_upper)} <= {pts(target.max_accuracy_drop)})")
-    if target.max_answer_change is not None:
-        parts.append(f"answers changed {pts(h.changed_share)} points "
-                     f"(95% bound {pts(h.changed_upper)} <= {pts(target.max_answer_change)})")
+    parts = [f"{r.name} {pts(r.share)} points (95% bound {pts(r.upper)} <= {pts(r.target)})"
+             for r in target.risks(e.holdout)]
+    d = e.holdout.damage
+    if d.labelled_problems and target.max_answers_lost is None:
+        parts.append(f"answers lost {pts(d.lost)} points (95% bound {pts(d.lost_upper)})")
     return "; ".join(parts)
 
 
 def _no_policy_message(cal: Calibration, target: Target) -> str:
     tested = [e for e in cal.evaluated if e.tested and e.holdout.net_saved > 0]
-    what = ("answers lost" if target.max_accuracy_drop is not None else "answers changed")
     if not tested:
         return "no candidate policy saves compute on the tuning split; nothing to recommend"
-    best = min(tested, key=lambda e: (e.holdout.lost_upper if what == "answers lost"
-                                      else e.holdout.changed_upper))
-    bound = best.holdout.lost_upper if what == "answers lost" else best.holdout.changed_upper
-    limit = target.max_accuracy_drop if what == "answers lost" else target.max_answer_change
-    return (f"no policy keeps {what} within {pts(limit)} points at 95% confidence on the "
-            f"held-out problems; the tightest bound with positive savings is {pts(bound)} points "
-            f"({best.candidate.name}, {pts(best.holdout.net_saved)}% net saved); "
-            "raise the target or add data")
+
+    def excess(e) -> float:  # how far the worst bound is past its target
+        return max(((r.upper or 1.0) - r.target for r in target.risks(e.holdout)), default=0.0)
+
+    best = min(tested, key=excess)
+    bounds = ", ".join(f"{r.name} {pts(r.upper)} > {pts(r.target)}"
+                       for r in target.risks(best.holdout) if (r.upper or 1.0) > r.target)
+    return (f"no policy keeps its damage within the target at 95% confidence on the "
+            f"{cal.holdout_problems} held-out problems; the nearest with positive savings is "
+            f"{best.candidate.name} ({pts(best.holdout.net_saved)}% net saved; 95% bounds, "
+            f"points: {bounds}); raise the target or add data")
 
 
 def _summary_table(s: Summary, kind: str) -> Table:

@@ -72,8 +72,10 @@ def test_calibrate_reports_and_writes_a_policy(calibrated: tuple[Path, str, Path
     assert "recommended:" in out and "Savings against damage" in out
     pf = load_policy_file(policy)
     assert pf.kind == "cot" and pf.model == "*" and pf.cot is not None
-    assert pf.provenance["guarantee"] == "fixed-sequence testing, 95%"
-    assert float(pf.provenance["holdout_answers_lost_upper95"]) <= 0.40
+    assert pf.provenance["guarantee"] == "fixed-sequence testing, 95%, per new problem"
+    assert float(pf.provenance["holdout_accuracy_drop_upper95"]) <= 0.40
+    assert pf.provenance["target_max_accuracy_drop"] == 0.40
+    assert pf.provenance["holdout_problems"] == 16
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -138,7 +140,7 @@ def test_self_consistency_evaluate(tmp_path: Path) -> None:
 
 
 def test_self_consistency_calibrate(tmp_path: Path) -> None:
-    code, out, exc = invoke(["calibrate", "--traces", str(SC_SAMPLE), "--max-accuracy-drop", "90",
+    code, out, exc = invoke(["calibrate", "--traces", str(SC_SAMPLE), "--max-answers-lost", "90",
                              "--out", str(tmp_path / "sc.toml")], tmp_path / "cache")
     assert exc is None and code == 0, out
     assert "all samples" in out and "default" in out
@@ -183,8 +185,20 @@ def test_traces_without_probes(tmp_path: Path) -> None:
 
 def test_impossible_target(tmp_path: Path) -> None:
     message = user_error(["calibrate", "--traces", str(PACKAGED_SAMPLE)], tmp_path)
-    assert "cannot be certified on 16 held-out records" in message
-    assert "raise the target" in message
+    assert message.startswith("--max-accuracy-drop 0.50 points is below what 16 held-out "
+                              "problems can certify")
+    assert "the problem, not the run, is the independent unit" in message
+    assert "raise the target to at least" in message
+    # Answers lost with one run a problem: the exact bound, 1 - 0.05^(1/16) = 17.07 points.
+    message = user_error(["calibrate", "--traces", str(PACKAGED_SAMPLE), "--max-answers-lost",
+                          "10"], tmp_path)
+    assert "has a 95% bound of 17.07 points" in message
+
+
+def test_target_no_sample_this_small_can_certify(tmp_path: Path) -> None:
+    message = user_error(["calibrate", "--traces", str(SC_SAMPLE), "--max-accuracy-drop", "90"],
+                         tmp_path)
+    assert "3 held-out problems" in message and "; add problems (about" in message
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "100", "250"])

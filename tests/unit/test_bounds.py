@@ -1,16 +1,19 @@
-"""Exact binomial bounds against known values, and the risk-control procedures."""
+"""Exact binomial bounds, the betting bound on bounded means, and fixed-sequence testing."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from dynasorctl.calibration.bounds import (
+    betting_upper,
     binomial_cdf,
     bonferroni_upper,
     clopper_pearson_upper,
     fixed_sequence,
+    problem_order,
 )
 
 # One-sided 95% Clopper-Pearson upper bounds: the 0.95 quantile of Beta(k + 1, n - k),
@@ -63,10 +66,89 @@ def test_bonferroni_is_the_bound_at_alpha_over_m() -> None:
 
 def test_fixed_sequence_stops_at_the_first_failure() -> None:
     target = 0.01
-    risks = [[(0, 1000, target)], [(2, 1000, target)], [(40, 1000, target)], [(0, 1000, target)]]
+    risks = [[(0.002, target)], [(0.009, target)], [(0.03, target)], [(0.0, target)]]
     assert fixed_sequence(risks) == [True, True, False, False]
 
 
 def test_fixed_sequence_needs_every_risk_within_target() -> None:
-    both = [[(0, 1000, 0.01), (30, 1000, 0.01)]]
-    assert fixed_sequence(both) == [False]
+    assert fixed_sequence([[(0.005, 0.01), (0.02, 0.01)]]) == [False]
+    assert fixed_sequence([[(0.01, 0.01), (0.0, 0.01)]]) == [True]  # at the target passes
+
+
+# --- the betting bound ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [20, 228, 1000])
+def test_no_damage_is_bounded_near_the_least_any_valid_bound_gives(n: int) -> None:
+    # With n values at 0, a Bernoulli(m) sample is all zeros with chance (1 - m)^n, more
+    # than alpha below 1 - alpha^(1/n): no valid bound can be lower than that.
+    least = 1 - 0.05 ** (1 / n)
+    bound = betting_upper(np.zeros(n))
+    assert least <= bound <= 1.15 * least
+    assert betting_upper(np.zeros(n), lo=-1.0) <= 1.15 * least  # signed values, none lost
+
+
+def test_bound_follows_the_data() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.random(300) * 0.2
+    bound = betting_upper(x)
+    assert x.mean() < bound < x.mean() + 0.05
+    assert betting_upper(x, alpha=0.01) >= bound  # more confidence, a wider bound
+    assert betting_upper(x[:100]) > bound  # fewer problems, a wider bound
+    assert betting_upper(np.ones(50)) == 1.0
+    assert betting_upper([]) == 1.0
+    assert betting_upper(np.full(200, 0.5)) == pytest.approx(0.5, abs=0.03)
+    with pytest.raises(ValueError):
+        betting_upper([0.5, 1.5])
+    with pytest.raises(ValueError):
+        betting_upper([-0.5])  # below lo = 0 unless told
+
+
+def clustered(rng: np.random.Generator, problems: int, runs: int, share_bad: float) -> np.ndarray:
+    """Damaged runs per problem: a bad problem damages each run with chance q ~ Beta(1, 2)."""
+    bad = rng.random(problems) < share_bad
+    return np.where(bad, rng.binomial(runs, rng.beta(1, 2, problems)), 0)
+
+
+def test_coverage_where_runs_of_one_problem_fail_together() -> None:
+    """On clustered damage the run-level bound misses the true rate far more than 5% of
+    the time; the problem-level betting bound does not."""
+    rng = np.random.default_rng(7)
+    problems, runs, trials = 150, 6, 200
+    mean = 0.1 / 3  # share of bad problems times the mean of Beta(1, 2)
+    run_level = per_problem = 0
+    for _ in range(trials):
+        damaged = clustered(rng, problems, runs, 0.1)
+        run_level += clopper_pearson_upper(int(damaged.sum()), problems * runs) >= mean
+        per_problem += betting_upper(damaged / runs) >= mean
+    assert run_level / trials < 0.9
+    assert per_problem / trials >= 0.93  # 95% nominal, less Monte Carlo slack
+
+
+def test_coverage_of_signed_values() -> None:
+    """Accuracy drop per problem, (lost - gained) / runs in [-1, 1]."""
+    rng = np.random.default_rng(8)
+    problems, runs, trials = 150, 6, 200
+    mean = (0.1 - 0.05) / 3
+    covered = 0
+    for _ in range(trials):
+        net = clustered(rng, problems, runs, 0.1) - clustered(rng, problems, runs, 0.05)
+        covered += betting_upper(net / runs, lo=-1.0) >= mean
+    assert covered / trials >= 0.93
+
+
+def test_bets_use_only_earlier_values() -> None:
+    """A bet sized after seeing its own value would be rejected by this coverage check:
+    values equal to the hypothesised mean plus or minus a half, in random order."""
+    rng = np.random.default_rng(9)
+    covered = sum(betting_upper(0.25 + 0.5 * (rng.random(60) < 0.5)) >= 0.5 for _ in range(200))
+    assert covered / 200 >= 0.93
+
+
+def test_problem_order_is_fixed_by_the_keys_alone() -> None:
+    keys = [f"math/{i:03d}" for i in range(50)]
+    order = problem_order(keys)
+    assert order == problem_order(list(reversed(keys)) + keys[:5])
+    assert sorted(order) == keys and order != keys
+    # Keys that sort alike order alike (a trace file's "p/<hash>" against the store's "<hash>").
+    assert [f"p/{k}" for k in order] == problem_order([f"p/{k}" for k in keys])

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dynasorctl.calibration.bounds import betting_upper, clopper_pearson_upper, problem_order
+from dynasorctl.calibration.damage import Damage, damage, problem_ranks
 from dynasorctl.calibration.grading import Grader, load_cache, plain_number, save_cache
 from dynasorctl.calibration.learn import fit_logistic
 from dynasorctl.calibration.metrics import Grades, figures, never_stop_stops
@@ -15,6 +17,7 @@ from dynasorctl.calibration.replay import Replayer
 from dynasorctl.calibration.search import (
     Candidate,
     Evaluated,
+    Risk,
     Target,
     certify,
     pareto,
@@ -126,7 +129,11 @@ def test_figures_by_hand() -> None:
     assert f.stopped == 0.75
     assert (f.changed, f.lost, f.gained, f.labelled) == (2, 1, 1, 4)
     assert f.accuracy_full == 0.5 and f.accuracy_policy == 0.5
-    assert f.lost_upper is not None and f.lost_upper > 0.25
+    d = f.damage  # each run is its own problem here
+    assert (d.problems, d.labelled_problems, d.changed, d.lost, d.drop) == (4, 4, 0.5, 0.25, 0.0)
+    # One run a problem: answers lost is a 0/1 outcome per problem, so the exact bound.
+    assert d.lost_upper == clopper_pearson_upper(1, 4) == d.lost_upper_runs
+    assert d.drop_upper is not None and 0.25 < d.drop_upper <= 1.0
 
 
 def test_source_grading_is_kept_for_answers_equal_to_the_final() -> None:
@@ -144,7 +151,8 @@ def test_unlabelled_runs_count_changed_answers_only() -> None:
     t = build_table(runs)
     f = figures(t, Grades(t, Grader(slow=CountingSlow())), Replayer(t).stops(CotPolicy()),
                 np.ones(1, bool))
-    assert f.changed == 1 and f.labelled == 0 and f.lost_upper is None
+    assert f.changed == 1 and f.labelled == 0 and f.damage.lost_upper is None
+    assert f.damage.drop is None and f.damage.changed_upper is not None
     assert f.accuracy_full is None
 
 
@@ -172,20 +180,23 @@ def test_pareto() -> None:
 
 
 class F:
-    """Figures as the search reads them."""
+    """Figures as the search reads them: net saved and the accuracy drop per problem."""
 
-    def __init__(self, net: float, lost: int, n: int = 1000) -> None:
-        self.runs = self.labelled = n
-        self.net_saved, self.lost, self.changed = net, lost, lost
+    def __init__(self, net: float, drop: float, upper: float | None = None) -> None:
+        self.net_saved = net
+        self.damage = Damage(problems=200, labelled_problems=200, changed=drop, lost=drop,
+                             drop=drop, changed_upper=upper, lost_upper=upper, drop_upper=upper)
 
 
 def test_certify_tests_the_frontier_in_order_of_risk() -> None:
     evaluated = [Evaluated(Candidate("never", None), F(0.0, 0)),
-                 Evaluated(Candidate("a", 1), F(0.05, 0)), Evaluated(Candidate("b", 2), F(0.1, 1)),
-                 Evaluated(Candidate("c", 3), F(0.2, 5)), Evaluated(Candidate("d", 4), F(0.3, 9)),
-                 Evaluated(Candidate("dominated", 5), F(0.04, 3))]
-    held = {"never": F(0.0, 0), "a": F(0.05, 0), "b": F(0.1, 2), "c": F(0.2, 30), "d": F(0.3, 0),
-            "dominated": F(0.04, 0)}
+                 Evaluated(Candidate("a", 1), F(0.05, 0)),
+                 Evaluated(Candidate("b", 2), F(0.1, 0.001)),
+                 Evaluated(Candidate("c", 3), F(0.2, 0.005)),
+                 Evaluated(Candidate("d", 4), F(0.3, 0.009)),
+                 Evaluated(Candidate("dominated", 5), F(0.04, 0.003))]
+    held = {"never": F(0.0, 0, 0.004), "a": F(0.05, 0, 0.004), "b": F(0.1, 0.002, 0.008),
+            "c": F(0.2, 0.03, 0.05), "d": F(0.3, 0, 0.004), "dominated": F(0.04, 0, 0.004)}
     certify(evaluated, lambda e: held[e.candidate.name], Target(0.01, None), 0.05, baselines=1)
     by = {e.candidate.name: e for e in evaluated}
     assert [by[n].certified for n in "abcd"] == [True, True, False, False]  # d: after a failure
@@ -193,11 +204,52 @@ def test_certify_tests_the_frontier_in_order_of_risk() -> None:
 
 
 def test_target_risks() -> None:
-    f = F(0.1, 3)
-    assert Target(0.005, None).risks(f) == [(3, 1000, 0.005)]
-    assert Target(0.005, 0.01).risks(f) == [(3, 1000, 0.005), (3, 1000, 0.01)]
-    f.labelled = 0
-    assert Target(0.005, None).risks(f) == []
+    f = F(0.1, 0.003, 0.02)
+    assert Target(0.005, None).risks(f) == [Risk("accuracy drop", 0.003, 0.02, 0.005)]
+    assert [(r.name, r.target) for r in Target(0.005, 0.01, 0.02).risks(f)] == [
+        ("accuracy drop", 0.005), ("answers lost", 0.02), ("answers changed", 0.01)]
+    assert Target(0.005, 0.01).load(f) == pytest.approx(0.6)  # the binding risk, 0.003 / 0.005
+    f.damage = Damage(problems=200, labelled_problems=0, changed=0.0, lost=None, drop=None)
+    assert Target(0.005, None, 0.01).risks(f) == []  # no labels: nothing to say on accuracy
+
+
+# --- damage per problem -----------------------------------------------------------------------
+
+
+def test_damage_per_problem_by_hand() -> None:
+    # Problems x (three runs, two damaged), y (three runs, none), z (two runs, one gained).
+    problem = problem_ranks(list("xxxyyyzz"))
+    lost = np.array([1, 1, 0, 0, 0, 0, 0, 0], bool)
+    gained = np.array([0, 0, 0, 0, 0, 0, 1, 0], bool)
+    labelled = np.ones(8, bool)
+    d = damage(problem, lost | gained, labelled, lost, gained)
+    assert (d.problems, d.labelled_problems) == (3, 3)
+    assert d.lost == pytest.approx((2 / 3 + 0 + 0) / 3)
+    assert d.drop == pytest.approx((2 / 3 + 0 - 1 / 2) / 3)
+    assert d.changed == pytest.approx((2 / 3 + 0 + 1 / 2) / 3)
+    # Several runs a problem: the problem shares, in the fixed order, bounded by betting.
+    shares = {"x": 2 / 3, "y": 0.0, "z": 0.0}
+    assert d.lost_upper == betting_upper([shares[k] for k in problem_order("xyz")])
+    assert d.lost_upper_runs == clopper_pearson_upper(2, 8)
+    assert d.changed_upper_runs == clopper_pearson_upper(3, 8)
+    unlabelled = damage(problem, lost, np.zeros(8, bool), lost, gained)
+    assert unlabelled.lost is None and unlabelled.drop_upper is None
+    assert damage(problem, lost, labelled, lost, gained, bounds=False).lost_upper is None
+
+
+def test_more_runs_of_the_same_problems_do_not_tighten_the_bound() -> None:
+    """Six copies of each problem's run carry no more evidence than one: the run-level
+    bound shrinks, the per-problem one does not move."""
+    rng = np.random.default_rng(4)
+    lost = rng.random(200) < 0.05
+    one = damage(problem_ranks([f"p{i}" for i in range(200)]), lost, np.ones(200, bool), lost,
+                 np.zeros(200, bool))
+    six = damage(problem_ranks([f"p{i}" for i in range(200) for _ in range(6)]),
+                 np.repeat(lost, 6), np.ones(1200, bool), np.repeat(lost, 6),
+                 np.zeros(1200, bool))
+    assert six.lost == one.lost
+    assert six.lost_upper_runs < 0.8 * one.lost_upper_runs
+    assert six.lost_upper >= one.lost_upper  # betting, not exact: never tighter than exact
 
 
 # --- the learned rule -------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from dynasorctl.calibration.bounds import clopper_pearson_upper
 from dynasorctl.calibration.grading import Grader
 from dynasorctl.calibration.observed import ObservedProgram, ObservedRun
 from dynasorctl.calibration.sc import (
@@ -69,6 +70,9 @@ def test_figures() -> None:
     assert f.samples_used == pytest.approx(4 / 9)
     assert f.net_saved == pytest.approx(5 / 9)
     assert f.accuracy_full == 1.0 and f.accuracy_policy == 0.5
+    # Two programs of two problems: per problem, one program each, so the exact bound.
+    assert (f.damage.problems, f.damage.lost, f.damage.drop) == (2, 0.5, 0.5)
+    assert f.damage.lost_upper == clopper_pearson_upper(1, 2)
 
 
 def test_probe_costs_count_against_savings() -> None:
