@@ -12,14 +12,24 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 
 from proxy.certaindex import normalize_answer
 
 log = logging.getLogger(__name__)
 
+# How long a check waits for the worker process to start and import math-verify.
+STARTUP_TIMEOUT_S = 60.0
+
 # math-verify's own timeouts use SIGALRM, which only works in the main thread.
 _SIGNAL_TIMEOUT_S = 3
+
+
+def _start_worker() -> bool:
+    """The worker's first job: the imports every check needs (sympy, math-verify)."""
+    import math_verify  # noqa: F401
+
+    return True
 
 
 def _math_verify(a: str, b: str) -> bool:
@@ -98,6 +108,7 @@ class AsyncEquivalence:
         self._timeout_s = timeout_s
         self._pool: ProcessPoolExecutor | None = None
         self._cache: dict[tuple[str, str], bool] = {}
+        self._started: Future[bool] | None = None
         self.timeouts = 0
 
     async def same(self, a: str | None, b: str | None) -> bool:
@@ -109,6 +120,7 @@ class AsyncEquivalence:
         if key in self._cache:
             return self._cache[key]
         pool = self._worker()
+        await self._ready()
         loop = asyncio.get_running_loop()
         try:
             result = await asyncio.wait_for(loop.run_in_executor(pool, _math_verify, *key), self._timeout_s)
@@ -125,12 +137,22 @@ class AsyncEquivalence:
     def _worker(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=1)
+            # The worker's start and imports take seconds on a busy machine; checks wait for
+            # them apart from their own time limit, so a slow start is not a wrong verdict.
+            self._started = self._pool.submit(_start_worker)
         return self._pool
 
     def warm(self) -> None:
-        """Start the worker and its imports now, so the first real check is not the one that
-        pays for them (seconds on a busy machine) and times out."""
-        self._worker().submit(_math_verify, "1", "1")
+        """Start the worker now, before the first check needs it."""
+        self._worker()
+
+    async def _ready(self) -> None:
+        started = self._started
+        if started is not None and not started.done():
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(started), STARTUP_TIMEOUT_S)
+            except (TimeoutError, Exception) as exc:  # the check below then fails the usual way
+                log.warning("answer equivalence worker slow to start (%r)", exc)
 
     async def group(self, answers: Sequence[str | None]) -> list[int]:
         """Group index of each answer, as `group_answers` does (slow checks awaited first)."""
