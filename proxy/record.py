@@ -60,7 +60,8 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
         tokens = sum(c.tokens for c in choices.values())
     if tokens:
         app.metrics.main_tokens += tokens
-    probes = ex.probes.results if ex.probes else []
+    # (choice, probe): a request's own probes, or the check probes of its samples (by start order)
+    probes = ex.program.checks if ex.program else [(0, p) for p in ex.probes.results] if ex.probes else []
     stop = decision_of(ex)
     if stop is not None and ex.enforced is None:
         app.metrics.shadow_stops += 1
@@ -89,9 +90,9 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
         "latency_ms": (ex.finished - ex.started) * 1000,
         "ttft_ms": ex.ttft_s * 1000 if ex.ttft_s is not None else None,
         "program_id": ex.program_id,
-        "probed": ex.probes is not None,
-        "probe_count": sum(1 for p in probes if p.status == "ok"),
-        "probe_tokens": sum(p.output_tokens for p in probes),
+        "probed": ex.probes is not None or bool(probes),
+        "probe_count": sum(1 for _, p in probes if p.status == "ok"),
+        "probe_tokens": sum(p.output_tokens for _, p in probes),
         "prompt_hash": _sha(prompt),
         "completion_hash": _sha(completion) if first else None,
         "prompt_text": prompt if store_text else None,
@@ -100,7 +101,7 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
     probe_rows = [
         {
             "request_id": ex.request_id,
-            "choice_index": 0,
+            "choice_index": choice,
             "position": p.position,
             "answer": p.answer,
             "hesitant": p.hesitant,
@@ -109,7 +110,7 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
             "status": p.status,
             "certaindex": p.certaindex,
         }
-        for p in probes
+        for choice, p in probes
     ]
     sample_rows: list[dict[str, Any]] = []
     # A sample the proxy ended with its program's verdict adds no answer of its own.

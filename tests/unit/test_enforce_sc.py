@@ -159,6 +159,9 @@ async def test_answers_read_by_a_probe_at_check_tokens(tmp_path):
     assert all(m.sent == len(m.parts) for m in made)
     ext = r.json()["dynasor"]
     assert (ext["samples_used"], ext["samples_not_started"], ext["answer"]) == (2, 2, "8")
+    rec = sink.records[0]
+    assert (rec.request["probed"], rec.request["probe_count"]) == (True, 2)
+    assert [(p["choice_index"], p["position"], p["answer"]) for p in rec.probes] == [(0, 64, "8"), (1, 64, "8")]
 
 
 async def test_a_failed_sample_fails_the_request_as_the_upstream_said(sc_policy):
