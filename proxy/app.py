@@ -33,7 +33,7 @@ from proxy.equivalence import AsyncEquivalence
 from proxy.metrics import Metrics
 from proxy.observe import ChoiceText, ResponseObserver
 from proxy.policy import ScPolicy
-from proxy.probe import ProbeSession, Prober
+from proxy.probe import Prober, ProbeSession
 from proxy.programs import PROGRAM_HEADER, Programs, Verdict
 from proxy.record import build_record, decision_of
 from proxy.recorder import Record, Recorder, write_records

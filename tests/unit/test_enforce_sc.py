@@ -9,6 +9,8 @@ import pytest
 
 from proxy.control import Control
 from proxy.metrics import Metrics
+from proxy.policy import ScPolicy
+from proxy.samples import ProgramRun
 from proxy.settings import Settings
 from tests.fakes import SSE, Call, FakeResponse, chat_stream, probe_reply
 from tests.unit.test_enforce import events
@@ -191,8 +193,6 @@ def test_a_self_consistency_policy_governs_only_requests_of_several_samples(sc_p
 
 def test_sample_requests_carry_one_sample_each(sc_policy):
     body = chat_body(n=3, best_of=3, stream_options={"continuous_usage_stats": True})
-    from proxy.samples import ProgramRun
-    from proxy.policy import ScPolicy
     run = ProgramRun(None, None, None, "chat", "/v1/chat/completions", body, [], [],  # type: ignore[arg-type]
                      ScPolicy(), True, 2)
     sent = json.loads(run._sample_body(1))
