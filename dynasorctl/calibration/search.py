@@ -91,8 +91,11 @@ class Target:
         return out
 
     def load(self, f: Measured) -> float:
-        """The binding risk as a multiple of its target (for ordering only)."""
-        return max((r.share / r.target for r in self.risks(f)), default=0.0)
+        """The binding risk as a multiple of its target (for ordering only).
+
+        Rounded: per-problem means summed in another order must tie, not split a tie.
+        """
+        return round(max((r.share / r.target for r in self.risks(f)), default=0.0), 9)
 
 
 @dataclass(slots=True)
