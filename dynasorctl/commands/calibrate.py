@@ -271,7 +271,7 @@ def calibrate(
     plot: Annotated[Path | None, typer.Option(help="also save the frontier plot as a PNG")] = None,
     max_accuracy_drop: Annotated[float | None, typer.Option(
         help="target: 95% upper bound on the accuracy drop per new problem (answers lost "
-        "minus answers gained), in percentage points [default: 0.5 when no target is set]",
+        "minus answers gained), in percentage points; 0.5 when no target is set",
         show_default=False)] = None,
     max_answers_lost: Annotated[float | None, typer.Option(
         help="target: 95% upper bound on answers lost per new problem (gains not netted "
