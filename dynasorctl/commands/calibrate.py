@@ -7,9 +7,7 @@ import json
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +18,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy import Engine
 
-from dynasorctl.calibration.damage import least_upper
 from dynasorctl.calibration.evaluate import (
     Summary,
     check_schedule,
@@ -41,13 +38,19 @@ from dynasorctl.calibration.report import print_report, pts, save_png
 from dynasorctl.calibration.sc import calibrate_sc
 from dynasorctl.calibration.search import (
     SCHEDULES,
-    Calibration,
     Target,
     calibrate_cot,
-    split_by_group,
 )
 from dynasorctl.calibration.store_source import load_programs, load_runs, save_policy
 from dynasorctl.calibration.table import build_table
+from dynasorctl.calibration.targets import (
+    check_reachable,
+    limits,
+    make_target,
+    no_policy_message,
+    problems_needed,
+    provenance,
+)
 from dynasorctl.errors import UserError
 from dynasorctl.options import store
 from proxy.policy import CotPolicy, PolicyFile
@@ -73,21 +76,10 @@ def _progress() -> Progress:
                     TimeElapsedColumn(), console=console, transient=True)
 
 
-def _share(points: float | None, option: str) -> float | None:
-    if points is None:
-        return None
-    if not 0 < points < 100:
-        raise UserError(f"{option} is in percentage points and must be between 0 and 100, "
-                        f"not {points:g}")
-    return points / 100
-
-
 class Kind(str, Enum):
     cot = "cot"
     sc = "sc"
 
-
-DEFAULT_MAX_ACCURACY_DROP = 0.005  # the issue's target: half a point
 
 KIND_NAMES = {"cot": "chain-of-thought", "sc": "self-consistency"}
 
@@ -142,118 +134,19 @@ def _from_store(db: str | None, model: str, kind: Kind) -> _Source:
     return src
 
 
-def _limits(target: Target) -> list[tuple[str, str, float]]:
-    """(option, measure, share) of each constrained measure."""
-    return [(option, name, value) for option, name, value in (
-        ("--max-accuracy-drop", "accuracy drop", target.max_accuracy_drop),
-        ("--max-answers-lost", "answers lost", target.max_answers_lost),
-        ("--max-answer-change", "answers changed", target.max_answer_change),
-    ) if value is not None]
-
-
-def _needed(target: Target, alpha: float, one_record_each: bool = True,
-            most: int = 200_000) -> int:
-    """Fewest problems whose held-out half could meet every target with nothing damaged.
-
-    Held-out problems, not records, are what the bounds count; `most`: give up above it.
-    """
-    held = 1
-    for _, name, limit in _limits(target):
-        if least_upper(held, name, one_record_each, alpha) <= limit:
-            continue
-        lo, hi = held, held * 2  # the bound falls as problems are added: search by doubling
-        while hi <= most and least_upper(hi, name, one_record_each, alpha) > limit:
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if least_upper(mid, name, one_record_each, alpha) <= limit \
-                else (mid, hi)
-        held = hi
-    return 2 * held
-
-
 def _check_enough(src: _Source, target: Target, alpha: float) -> None:
     """A store too small for the target fails with how many problems it needs."""
     assert src.engine is not None
     problems = len({d.group for d in src.data})
-    need = _needed(target, alpha)  # at least: as many when each problem has one record
+    need = problems_needed(target, alpha)  # at least: as many when each problem has one record
     if problems < need:
-        limit = min(value for _, _, value in _limits(target))
+        limit = min(value for _, _, value in limits(target))
         raise UserError(
             f"the store has {len(src.data)} {src.records} of {problems} problems (distinct "
             f"prompts); calibration needs at least {need} problems for a {pts(limit)}-point "
             f"target (half are held out to certify it): record more traffic into "
             f"{src.engine.url.render_as_string()}, point --db at another store, raise the "
             "target, or calibrate on recorded traces with --traces FILE")
-
-
-def _target(data: list, max_accuracy_drop: float | None, max_answer_change: float | None,
-            max_answers_lost: float | None = None) -> Target:
-    drop = _share(max_accuracy_drop, "--max-accuracy-drop")
-    change = _share(max_answer_change, "--max-answer-change")
-    lost = _share(max_answers_lost, "--max-answers-lost")
-    if drop is None and change is None and lost is None:
-        drop = DEFAULT_MAX_ACCURACY_DROP
-    labelled = any((d.gold is not None) for d in data)
-    if not labelled:  # without labels, quality is measured as answers changed
-        tightest = min((v for v in (drop, lost) if v is not None), default=None)
-        change, drop, lost = (change if change is not None else tightest), None, None
-    return Target(drop, change, lost)
-
-
-def _check_reachable(data: list, target: Target, seed: int, alpha: float) -> None:
-    """Fail fast when even a policy that changes no answer could not be certified."""
-    held = ~split_by_group([d.group for d in data], seed)
-    if not held.any():
-        raise UserError("too few problems to hold any out: calibration needs at least two")
-    for option, name, value in _limits(target):
-        kept = [d for d, h in zip(data, held) if h and (name == "answers changed"
-                                                        or d.gold is not None)]
-        per_problem = Counter(d.group for d in kept)
-        one_each = all(n == 1 for n in per_problem.values())
-        best = least_upper(len(per_problem), name, one_each, alpha)
-        if best > value:
-            need = _needed(Target(*(value if n == name else None for n in
-                                    ("accuracy drop", "answers changed", "answers lost"))),
-                           alpha, one_each)
-            why = ("since the problem, not the run, is the independent unit (the runs of one "
-                   "problem fail together)")
-            fix = (f"raise the target to at least {pts(best)} points or add problems"
-                   if best < 1.0 else "add problems")
-            raise UserError(
-                f"{option} {pts(value)} points is below what {len(per_problem)} held-out "
-                f"problems can certify: even a policy that changes no answer has a 95% bound "
-                f"of {pts(best)} points, {why}; {fix} (about {need} in all for "
-                f"{pts(value)} points)")
-
-
-def _provenance(cal: Calibration, target: Target, source: str,
-                seed: int) -> dict[str, str | int | float | bool]:
-    assert cal.recommended is not None
-    h = cal.recommended.holdout
-    d = h.damage
-    out: dict[str, str | int | float | bool] = {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source": source,
-        "candidate": cal.recommended.candidate.name,
-        "seed": seed,
-        "holdout_records": cal.holdout_runs,
-        "holdout_problems": cal.holdout_problems,
-        "holdout_net_saved": round(h.net_saved, 6),
-        "holdout_answers_changed": h.changed,
-        "holdout_answers_changed_upper95": round(d.changed_upper, 6),
-        "guarantee": "fixed-sequence testing, 95%, per new problem",
-        "bound": "betting (Waudby-Smith & Ramdas 2023) over held-out problems",
-    }
-    if d.labelled_problems:
-        out["holdout_answers_lost"] = h.lost
-        out["holdout_answers_gained"] = h.gained
-        out["holdout_answers_lost_upper95"] = round(d.lost_upper, 6)
-        out["holdout_accuracy_drop"] = round(d.drop, 6)
-        out["holdout_accuracy_drop_upper95"] = round(d.drop_upper, 6)
-    for _, name, value in _limits(target):
-        out[f"target_max_{name.replace(' ', '_')}"] = value
-    return out
 
 
 def calibrate(
@@ -294,10 +187,10 @@ def calibrate(
     alpha = 0.05
     src = _observations(traces, db, model, kind)
     data = src.data
-    target = _target(data, max_accuracy_drop, max_answer_change, max_answers_lost)
+    target = make_target(data, max_accuracy_drop, max_answer_change, max_answers_lost)
     if src.engine is not None:
         _check_enough(src, target, alpha)
-    _check_reachable(data, target, seed, alpha)
+    check_reachable(data, target, seed, alpha)
     if not any(d.gold is not None for d in data):
         src.notes.append("no record has a gold answer: quality is measured as answers changed "
                          "against the unstopped run (import labels with `dynasorctl labels "
@@ -333,12 +226,12 @@ def calibrate(
         save_png(cal, target, plot)
         console.print(f"plot written to {plot}")
     if cal.recommended is None:
-        raise UserError(_no_policy_message(cal, target))
+        raise UserError(no_policy_message(cal, target))
     rec = cal.recommended
     console.print(f"[bold green]recommended:[/] {rec.candidate.name}: "
                   f"{pts(rec.holdout.net_saved)}% net saved held out; " + _damage_text(rec, target))
     policy = PolicyFile(kind=found, model=model, **{found: rec.candidate.policy},
-                        provenance=_provenance(cal, target, src.description, seed))
+                        provenance=provenance(cal, target, src.description, seed))
     if out is not None:
         write_policy_file(out, policy)
         console.print(f"policy written to {out}")
@@ -356,23 +249,6 @@ def _damage_text(e, target: Target) -> str:
     if d.labelled_problems and target.max_answers_lost is None:
         parts.append(f"answers lost {pts(d.lost)} points (95% bound {pts(d.lost_upper)})")
     return "; ".join(parts)
-
-
-def _no_policy_message(cal: Calibration, target: Target) -> str:
-    tested = [e for e in cal.evaluated if e.tested and e.holdout.net_saved > 0]
-    if not tested:
-        return "no candidate policy saves compute on the tuning split; nothing to recommend"
-
-    def excess(e) -> float:  # how far the worst bound is past its target
-        return max(((r.upper or 1.0) - r.target for r in target.risks(e.holdout)), default=0.0)
-
-    best = min(tested, key=excess)
-    bounds = ", ".join(f"{r.name} {pts(r.upper)} > {pts(r.target)}"
-                       for r in target.risks(best.holdout) if (r.upper or 1.0) > r.target)
-    return (f"no policy keeps its damage within the target at 95% confidence on the "
-            f"{cal.holdout_problems} held-out problems; the nearest with positive savings is "
-            f"{best.candidate.name} ({pts(best.holdout.net_saved)}% net saved; 95% bounds, "
-            f"points: {bounds}); raise the target or add data")
 
 
 def _summary_table(s: Summary, kind: str) -> Table:

@@ -57,6 +57,16 @@ class Snapshot:
     problems: list[str] = field(default_factory=list)
 
 
+MODEL_WIDTH = 14
+ANSWER_WIDTH = 12
+COLUMNS = (("created (UTC)", 14), ("model", MODEL_WIDTH), ("mode", 7), ("outcome", 8), ("tokens", 7),
+           ("probes", 6), ("answer", ANSWER_WIDTH))
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 class DashboardApp(App[None]):
     CSS = """
     #banner { background: $error; color: $text; padding: 0 1; display: none; }
@@ -133,8 +143,9 @@ class DashboardApp(App[None]):
 
     def on_mount(self) -> None:
         table = self.query_one("#requests", DataTable)
-        for col in ("created (UTC)", "model", "mode", "outcome", "tokens", "probes", "answer"):
-            table.add_column(col, key=col)
+        # Fixed widths: sized from the content, the layout depended on when a render came.
+        for col, width in COLUMNS:
+            table.add_column(col, key=col, width=width)
         table.focus()
         self.action_refresh()
         self.set_interval(self.refresh_s, self.action_refresh)
@@ -271,8 +282,8 @@ class DashboardApp(App[None]):
         table.clear()
         for r in rows:
             tokens = "-" if r.completion_tokens is None else f"{r.completion_tokens:,}"
-            table.add_row(f"{r.created_at:%m-%d %H:%M:%S}", r.model or "-", r.mode, r.outcome,
-                          tokens, str(r.probe_count), (r.final_answer or "-")[:20], key=r.id)
+            table.add_row(f"{r.created_at:%m-%d %H:%M:%S}", _fit(r.model or "-", MODEL_WIDTH), r.mode,
+                          r.outcome, tokens, str(r.probe_count), _fit(r.final_answer or "-", ANSWER_WIDTH), key=r.id)
         self._shown_rows = rows
         ids = [r.id for r in rows]
         if keep in ids:

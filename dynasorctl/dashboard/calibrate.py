@@ -25,12 +25,12 @@ from dynasorctl.calibration.report import pts
 from dynasorctl.calibration.search import SCHEDULES, Calibration, Target, calibrate_cot
 from dynasorctl.calibration.store_source import save_policy
 from dynasorctl.calibration.table import build_table
-from dynasorctl.commands.calibrate import (
-    _check_reachable,
-    _needed,
-    _no_policy_message,
-    _provenance,
-    _target,
+from dynasorctl.calibration.targets import (
+    check_reachable,
+    make_target,
+    no_policy_message,
+    problems_needed,
+    provenance,
 )
 from dynasorctl.dashboard.savings import MAX_RUNS, StoredPolicy, recent_runs
 from dynasorctl.errors import UserError
@@ -104,7 +104,7 @@ def _store(engine: Engine, cal: Calibration, target: Target, source: str,
            seed: int) -> StoredPolicy:
     assert cal.recommended is not None
     policy = PolicyFile(kind="cot", model="*", cot=cal.recommended.candidate.policy,
-                        provenance=_provenance(cal, target, source, seed))
+                        provenance=provenance(cal, target, source, seed))
     text = dump_policy_file(policy)
     version = save_policy(engine, "cot", "*", text, source, note="calibrated from the dashboard")
     p = PolicyRow
@@ -120,15 +120,15 @@ def run_calibration(engine: Engine, settings: CalibrationSettings = CalibrationS
     runs = recent_runs(engine, settings.max_runs)
     if not runs:
         raise UserError("no probed chain-of-thought requests in the store: nothing to calibrate on")
-    target = _target(runs, settings.max_accuracy_drop, settings.max_answer_change)
-    need = _needed(target, ALPHA)
+    target = make_target(runs, settings.max_accuracy_drop, settings.max_answer_change)
+    need = problems_needed(target, ALPHA)
     problems = len({r.group for r in runs})  # distinct prompts
     if problems < need:
         raise UserError(f"the store's newest {len(runs)} probed requests hold {problems} "
                         f"problems (distinct prompts); calibration needs at least {need} for "
                         "this target (half are held out to certify it): record more traffic, "
                         "or calibrate with `dynasorctl calibrate` and a looser target")
-    _check_reachable(runs, target, settings.seed, ALPHA)
+    check_reachable(runs, target, settings.seed, ALPHA)
     recorded = probe_interval(runs)
     if recorded == 0:
         raise UserError("the probed requests hold no probes: nothing to calibrate on")
@@ -140,7 +140,7 @@ def run_calibration(engine: Engine, settings: CalibrationSettings = CalibrationS
                             target, settings.seed, ALPHA, progress)
     stored = message = None
     if cal.recommended is None:
-        message = _no_policy_message(cal, target)
+        message = no_policy_message(cal, target)
     elif settings.store:
         source = (f"store {engine.url.render_as_string()}: newest {len(runs)} probed requests "
                   "(dashboard)")

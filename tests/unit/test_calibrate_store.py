@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
+from dynasorctl.calibration import targets
 from dynasorctl.calibration.bounds import clopper_pearson_upper
 from dynasorctl.calibration.damage import least_upper
 from dynasorctl.calibration.learn import fit_rule
@@ -324,7 +325,7 @@ def test_self_consistency_from_the_store(tmp_path: Path, cache: Path) -> None:
 def test_empty_store(tmp_path: Path, cache: Path) -> None:
     url = f"sqlite:///{tmp_path}/empty.db"
     message = user_error(["calibrate", "--db", url], cache)
-    need = calibrate._needed(Target(None, 0.005), 0.05)  # no labels: answers changed
+    need = targets.problems_needed(Target(None, 0.005), 0.05)  # no labels: answers changed
     assert message.startswith(f"the store has 0 probed requests of 0 problems (distinct "
                               f"prompts); calibration needs at least {need} problems for a "
                               "0.50-point target")
@@ -361,13 +362,13 @@ def test_needed_problems_follow_the_target() -> None:
         for target, measure in ((Target(limit, None), "accuracy drop"),
                                 (Target(None, None, limit), "answers lost")):
             for one_each in (True, False):
-                held = calibrate._needed(target, 0.05, one_each) // 2
+                held = targets.problems_needed(target, 0.05, one_each) // 2
                 assert least_upper(held, measure, one_each) <= limit
                 assert least_upper(held - 1, measure, one_each) > limit
     # Answers lost or changed, one run a problem: the exact binomial bound.
     for limit in (0.005, 0.4):
-        held = calibrate._needed(Target(None, limit), 0.05) // 2
+        held = targets.problems_needed(Target(None, limit), 0.05) // 2
         assert clopper_pearson_upper(0, held) <= limit < clopper_pearson_upper(0, held - 1)
     # The signed accuracy drop is bounded by betting, which needs more problems than that.
-    assert calibrate._needed(Target(0.005, None), 0.05) > calibrate._needed(
+    assert targets.problems_needed(Target(0.005, None), 0.05) > targets.problems_needed(
         Target(None, None, 0.005), 0.05)
