@@ -43,6 +43,7 @@ from dynasorctl.recordings import (
     trace_reply,
 )
 from dynasorctl.traces import CotTrace, ScProgram
+from proxy.exchange import read_body
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -193,7 +194,7 @@ class ReplayApp:
             return
         if scope["type"] != "http":
             return
-        body = await _read_body(receive)
+        body = await read_body(receive)
         try:
             handler = self._routes.get((scope["method"], scope["path"]))
             if handler is None:
@@ -315,18 +316,6 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
-
-
-async def _read_body(receive: Receive) -> bytes:
-    parts: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    return b"".join(parts)
 
 
 async def _send_json(send: Send, response: _Json) -> None:

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from proxy import rollout
-from proxy.app import JSON_HEADERS, ProxyApp, Receive, Scope, Send, _read_body
+from proxy.app import ProxyApp
+from proxy.exchange import JSON_HEADERS, Receive, Scope, Send, read_body
 from proxy.sse import error_body
 
 
@@ -73,7 +74,7 @@ class AdminApp:
         if engine is None:
             await _json(send, 503, error_body("the proxy has no store", "unavailable", 503))
             return
-        body = await _read_body(receive)
+        body = await read_body(receive)
         try:
             result = await self._route(scope["method"], scope["path"], body, engine)
         except (rollout.RolloutError, ValidationError, ValueError) as exc:

@@ -54,7 +54,8 @@ def events(raw: bytes) -> list[dict]:
 
 
 async def test_enforce_stops_the_stream_aborts_upstream_and_ends_well_formed(policy_file):
-    main, handler = scripted(["<think>"] + ["step "] * 400, ["7", "42", "42", "42"])
+    # slow enough that the probes keep up even on a loaded machine; the stop cuts it short
+    main, handler = scripted(["<think>"] + ["step "] * 400, ["7", "42", "42", "42"], delay_s=0.01)
     app, upstream, sink, client = make(handler, mode="enforce", policy_file=policy_file)
     async with app:
         r = await client.post("/v1/chat/completions",

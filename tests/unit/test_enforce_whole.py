@@ -16,10 +16,13 @@ def main_call(upstream):
 
 
 async def test_enforce_stops_a_non_streamed_request_and_answers_whole(policy_file):  # noqa: F811
-    main, handler = scripted(["<think>"] + ["step "] * 400, ["7", "42", "42", "42"])
+    # slow enough that the probes keep up even on a loaded machine; the stop cuts it short
+    main, handler = scripted(["<think>"] + ["step "] * 400, ["7", "42", "42", "42"], delay_s=0.01)
     app, upstream, sink, client = make(handler, mode="enforce", policy_file=policy_file)
     async with app:
-        r = await client.post("/v1/chat/completions", json=chat_body())
+        r = await client.post("/v1/chat/completions", json=chat_body(), headers={"authorization": "Bearer k"})
+    (count,) = [c for c in upstream.calls if c.json().get("max_tokens") == 1]
+    assert count.header(b"authorization") == b"Bearer k"  # the prompt count carries the client's key
     sent = main_call(upstream).json()
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
     assert main.closed and main.sent < len(main.parts)  # the generation was cut short
