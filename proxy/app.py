@@ -1,8 +1,11 @@
-"""The observe-mode proxy: an ASGI app, one pipeline per request.
+"""The proxy: an ASGI app, one pipeline per request.
 
-receive -> forward -> observe -> relay -> record. The client gets the
-upstream's status, headers (hop-by-hop aside) and body bytes exactly; probing
-and recording happen beside the relay, never in its way.
+receive -> plan -> forward -> observe -> relay -> record. In observe (and for
+streams in shadow) the client gets the upstream's status, headers (hop-by-hop
+aside) and body bytes exactly; probing and recording happen beside the relay,
+never in its way. Where a policy must watch or end a generation (shadow and
+enforce: non-streamed requests, samples of self-consistency programs, stopped
+streams) the proxy writes those responses itself (`proxy.endings`).
 """
 
 from __future__ import annotations

@@ -29,10 +29,13 @@ log = logging.getLogger(__name__)
 
 
 def verdict_stop(verdict: Verdict) -> StopInfo:
+    """A decided program's verdict as the stop of one of its samples."""
     return StopInfo(verdict.samples, verdict.answer, f"program decided: {verdict.reason}")
 
 
 class Endings:
+    """Writes what the client gets where the proxy, not the upstream, ends a response."""
+
     def __init__(self, settings: Settings, metrics: Metrics, upstream: Upstream, programs: Programs) -> None:
         self.settings = settings
         self.metrics = metrics
