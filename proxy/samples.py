@@ -138,9 +138,8 @@ class ProgramRun:
     def _start(self) -> None:
         index = len(self.samples)
         check = self.policy.check_tokens
-        sample = Sample(index, ResponseObserver(self._kind, True, None, 1))
-        if check is not None:
-            sample.observer = ResponseObserver(self._kind, True, lambda c: self._at_check(sample), check)
+        at_check = (lambda _: self._at_check(sample)) if check is not None else None
+        sample = Sample(index, ResponseObserver(self._kind, True, at_check, check or 1))
         sample.task = asyncio.create_task(self._generate(sample), name=f"dynasor-sample-{index}")
         self.samples.append(sample)
 
