@@ -11,6 +11,7 @@ streams) the proxy writes those responses itself (`proxy.endings`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import random
@@ -181,8 +182,8 @@ class ProxyApp:
         body = json_object(raw)
         headers: Headers = scope["headers"]
         ex = Exchange(uuid.uuid4().hex, kind, body, started, None, None, None)
-        ex.credentials = probe_headers(headers)
         if body is not None:
+            ex.credentials = probe_headers(headers)
             stream = bool(body.get("stream"))
             n = body.get("n") if isinstance(body.get("n"), int) else 1
             tag = header(headers, PROGRAM_HEADER)
@@ -208,9 +209,12 @@ class ProxyApp:
                 return
             ex.assembled = not stream and n == 1 and assemblable(body, ex.mode)
             if (stream or ex.assembled) and n == 1 and self._should_probe(kind, body, ex.mode):
-                ex.probes = self.prober.session(kind, body, probe_headers(headers), ex.plan.policy,
+                ex.probes = self.prober.session(kind, body, ex.credentials, ex.plan.policy,
                                                 enforcing=ex.mode == "enforce")
             ex.assembled = ex.assembled and (ex.probes is not None or ex.member)
+            if ex.mode != "observe" and ex.probes is None and not ex.member:
+                # Nothing here the policy can watch (tools, logprobs, no prompt): say so.
+                ex.mode, ex.plan = "observe", dataclasses.replace(ex.plan, mode="observe", policy_name=None)
             if ex.assembled:  # the policy needs the generation as it grows
                 raw = json.dumps(streaming_body(body)).encode()
             interval = ex.probes.interval(self.settings.probe_interval) if ex.probes else 0
@@ -321,7 +325,7 @@ class ProxyApp:
         enforcing = ex.mode == "enforce"
         headers: Headers = scope["headers"]
         run = ProgramRun(self.upstream, self.prober, self.equivalence, ex.kind, scope["path"], ex.body,
-                         headers, probe_headers(headers), policy, enforcing,
+                         headers, ex.credentials or [], policy, enforcing,
                          self.settings.sc_parallel or policy.min_samples)
         stream = SampleStream() if ex.body.get("stream") else None
         started = False

@@ -113,4 +113,4 @@ async def test_upstream_errors_and_unassembled_requests_are_relayed_as_sent(poli
         r = await client.post("/v1/chat/completions", json=chat_body(tools=tools))
     assert (r.status_code, r.content) == (404, error)
     assert upstream.calls[-1].json().get("stream") is None  # forwarded untouched
-    assert sink.records[-1].request["probed"] is False
+    assert (sink.records[-1].request["probed"], sink.records[-1].request["mode"]) == (False, "observe")
