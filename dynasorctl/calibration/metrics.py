@@ -88,14 +88,10 @@ class Grades:
 
 
 @dataclass(frozen=True, slots=True)
-class Figures:
-    """A policy on one set of runs; shares are fractions (0.005 is half a point)."""
+class Answers:
+    """How a policy's answers compare with the unstopped runs' (shares are fractions)."""
 
     runs: int
-    stopped: float  # share of runs stopped
-    net_saved: float  # (main tokens saved - probe cost) / main tokens
-    gross_saved: float  # main tokens saved / main tokens
-    probe_cost: float  # probe cost / main tokens
     changed: int  # answers that differ from the unstopped run's
     labelled: int  # runs with a gold answer
     lost: int  # labelled runs right unstopped and wrong under the policy
@@ -117,6 +113,16 @@ class Figures:
         if self.accuracy_full is None or self.accuracy_policy is None:
             return None
         return self.accuracy_full - self.accuracy_policy
+
+
+@dataclass(frozen=True, slots=True)
+class Figures(Answers):
+    """A policy on one set of runs."""
+
+    stopped: float  # share of runs stopped
+    net_saved: float  # (main tokens saved - probe cost) / main tokens
+    gross_saved: float  # main tokens saved / main tokens
+    probe_cost: float  # probe cost / main tokens
 
 
 def never_stop_stops(table: ProbeTable) -> Stops:

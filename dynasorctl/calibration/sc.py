@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dynasorctl.calibration.damage import Damage, damage, problem_ranks
+from dynasorctl.calibration.damage import damage, problem_ranks
 from dynasorctl.calibration.grading import Grader
+from dynasorctl.calibration.metrics import Answers
 from dynasorctl.calibration.observed import ObservedProgram
 from dynasorctl.calibration.search import (
     Calibration,
@@ -79,26 +80,13 @@ def replay_program(program: ObservedProgram, policy: ScPolicy | None,
 
 
 @dataclass(frozen=True, slots=True)
-class ScFigures:
-    runs: int  # programs
+class ScFigures(Answers):
+    """A policy on self-consistency programs: a run is a program, its answer the majority vote
+    (damage per problem: a program's group)."""
+
     stopped: float  # share of programs that used fewer samples than recorded
     samples_used: float  # share of samples used
     net_saved: float  # (sample tokens not generated - probe cost) / all sample tokens
-    changed: int  # majority answers that differ from the full vote's
-    labelled: int
-    lost: int
-    gained: int
-    accuracy_full: float | None
-    accuracy_policy: float | None
-    damage: Damage  # per problem (a program's group), with the 95% bounds where computed
-
-    @property
-    def changed_share(self) -> float:
-        return self.changed / self.runs if self.runs else 0.0
-
-    @property
-    def lost_share(self) -> float | None:
-        return self.lost / self.labelled if self.labelled else None
 
 
 def sc_figures(programs: Sequence[ObservedProgram], policy: ScPolicy | None, grader: Grader,
