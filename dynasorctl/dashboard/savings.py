@@ -9,8 +9,9 @@ savings are estimated against the shadowed requests of the same policy (a rollou
 splits them at random per program), and its answers changed cannot be observed.
 
 Projected. The policy replayed by calibration's own `evaluate_cot` over the newest
-probed requests (at most `MAX_RUNS`), with the 95% Clopper-Pearson upper bound on the
-share of answers changed. Text signals are left out (as `calibrate` does whenever some
+probed requests (at most `MAX_RUNS`). Bounds on the share of answers changed are
+calibration's: 95%, per problem (a prompt), since the requests of one prompt fail
+together. Text signals are left out (as `calibrate` does whenever some
 request was stored without its text): loading every completion would not be bounded.
 
 Every read is bounded by LIMIT over an index; the grading and the replay are plain
@@ -24,9 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Engine, Row, or_, select
 
-from dynasorctl.calibration.bounds import clopper_pearson_upper
+from dynasorctl.calibration.damage import damage, problem_ranks
 from dynasorctl.calibration.evaluate import evaluate_cot
 from dynasorctl.calibration.grading import Grader
 from dynasorctl.calibration.observed import ObservedRun, gold_for, run_from_request
@@ -55,18 +57,24 @@ class StoredPolicy:
 
 @dataclass(frozen=True)
 class Damage:
-    """Answers changed out of `n`, and the 95% upper bound on their share."""
+    """Answers changed out of `n`, and the 95% upper bound on the share per new problem."""
 
     changed: int
     n: int
+    upper: float
 
     @property
     def share(self) -> float:
         return self.changed / self.n if self.n else 0.0
 
-    @property
-    def upper(self) -> float:
-        return clopper_pearson_upper(self.changed, self.n, ALPHA)
+
+def changed_damage(problems: Sequence[str], changed: Sequence[bool]) -> Damage:
+    """Answers changed over records of these problems, bounded as calibration bounds them."""
+    flags = np.asarray(changed, bool)
+    none = np.zeros_like(flags)
+    d = damage(problem_ranks(problems), flags, none, none, none, ALPHA)
+    assert d.changed_upper is not None
+    return Damage(int(flags.sum()), len(flags), d.changed_upper)
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,7 @@ class Decided:
 
     mode: str  # shadow | enforce
     enforced: bool  # the proxy stopped it
+    problem: str  # its prompt (hash), or the request itself when that is unknown
     completion_tokens: int
     probe_tokens: int
     probe_count: int
@@ -147,12 +156,13 @@ def newest_policy(engine: Engine) -> StoredPolicy | None:
 def read_decided(engine: Engine, recorded_as: str, limit: int = MAX_DECIDED) -> list[Decided]:
     """The newest finished requests `recorded_as` decided (ix_requests_policy_created_at)."""
     r = RequestRow
-    query = (select(r.mode, r.enforced, r.completion_tokens, r.probe_tokens, r.probe_count,
-                    r.decision_token, r.decision_answer, r.final_answer)
+    query = (select(r.id, r.prompt_hash, r.mode, r.enforced, r.completion_tokens, r.probe_tokens,
+                    r.probe_count, r.decision_token, r.decision_answer, r.final_answer)
              .where(r.policy == recorded_as, r.status_code == 200, r.completion_tokens > 0)
              .order_by(r.created_at.desc()).limit(limit))
     with engine.connect() as conn:
-        return [Decided(row.mode, bool(row.enforced), row.completion_tokens, row.probe_tokens or 0,
+        return [Decided(row.mode, bool(row.enforced), row.prompt_hash or f"request {row.id}",
+                        row.completion_tokens, row.probe_tokens or 0,
                         row.probe_count or 0, row.decision_token, row.decision_answer,
                         row.final_answer) for row in conn.execute(query)]
 
@@ -214,9 +224,10 @@ def observed(rows: Sequence[Decided], grader: Grader) -> tuple[Group | None, Gro
         main = sum(d.completion_tokens for d in shadow)
         saved = sum(max(0, d.completion_tokens - (d.decision_token or 0)) for d in stops)
         cost = sum(d.probe_cost for d in shadow)
-        same = grader.same_many([(d.final_answer, d.decision_answer) for d in stops])
+        verdicts = iter(grader.same_many([(d.final_answer, d.decision_answer) for d in stops]))
+        changed = [d.decision_token is not None and not next(verdicts) for d in shadow]
         shadow_group = Group(len(shadow), len(stops), (saved - cost) / main,
-                             Damage(sum(not s for s in same), len(shadow)))
+                             changed_damage([d.problem for d in shadow], changed))
     if enforced:
         per_request = sum(d.completion_tokens + d.probe_cost for d in enforced) / len(enforced)
         baseline = (sum(d.completion_tokens for d in shadow) / len(shadow)) if shadow else None
@@ -240,11 +251,15 @@ def project(runs: Sequence[ObservedRun], policy: StoredPolicy, grader: Grader) -
     if not scoped:
         raise ValueError("no probed requests of its model to replay")
     try:
-        _, summary = evaluate_cot(scoped, pf, grader)
+        decisions, summary = evaluate_cot(scoped, pf, grader)
     except UserError as exc:  # a schedule the recorded probes cannot replay
         raise ValueError(str(exc)) from exc
+    stopped = [i for i, d in enumerate(decisions) if d["stop_token"] is not None]
+    same = dict(zip(stopped, grader.same_many([(scoped[i].final_answer, decisions[i]["answer"])
+                                               for i in stopped])))
+    changed = [not same.get(i, True) for i in range(len(scoped))]
     return Projection(summary.in_scope, summary.stopped, summary.net_saved,
-                      Damage(summary.changed, summary.in_scope))
+                      changed_damage([run.group for run in scoped], changed))
 
 
 def policy_savings(engine: Engine, policy: StoredPolicy, runs: Sequence[ObservedRun],

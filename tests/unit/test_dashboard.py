@@ -7,6 +7,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import numpy as np
 import pytest
 import typer
 from sqlalchemy import insert, select, update
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from dynasorctl.bench import dashboard_bench
 from dynasorctl.calibration.bounds import clopper_pearson_upper
+from dynasorctl.calibration.damage import damage, problem_ranks
 from dynasorctl.calibration.evaluate import evaluate_cot
 from dynasorctl.calibration.grading import Grader
 from dynasorctl.calibration.store_source import load_runs
@@ -21,7 +23,7 @@ from dynasorctl.commands import dashboard as dashboard_command
 from dynasorctl.dashboard.app import DashboardApp, create_app
 from dynasorctl.dashboard.calibrate import CalibrationSettings
 from dynasorctl.dashboard.panels import savings_text
-from dynasorctl.dashboard.savings import Damage, Group
+from dynasorctl.dashboard.savings import Damage, Group, changed_damage
 from dynasorctl.dashboard.source import Filters, SourceError, StoreSource
 from proxy import rollout
 from proxy.policy import parse_policy_file
@@ -163,7 +165,9 @@ def test_savings_observed_from_the_decisions_and_projected_by_evaluate(source, e
     assert active.policy.id == 1 and active.problem is None
     # shadowed r06, r08, r10: 306, 308, 310 tokens, each would stop at 256 having paid
     # 4 probes of 3 tokens (+8 prompt-side each); r10 would have answered 7, not 42
-    assert active.shadow == Group(3, 3, (50 + 52 + 54 - 3 * 44) / 924, Damage(1, 3))
+    # unhashed prompts: each request is a problem of its own, so the exact binomial bound
+    assert active.shadow == Group(3, 3, (50 + 52 + 54 - 3 * 44) / 924,
+                                  Damage(1, 3, clopper_pearson_upper(1, 3)))
     # enforced r04: 256 tokens and 44 of probes, against 308 per shadowed request
     assert active.enforced == Group(1, 1, pytest.approx(1 - 300 / 308), None)
     runs = load_runs(engine).runs  # what `dynasorctl calibrate --db` reads: all 11 finished
@@ -172,6 +176,18 @@ def test_savings_observed_from_the_decisions_and_projected_by_evaluate(source, e
     p = active.projected
     assert (p.runs, p.net_saved, p.damage.changed) == (11, summary.net_saved, summary.changed)
     assert p.damage.upper == clopper_pearson_upper(summary.changed, 11)
+
+
+def test_answers_changed_are_bounded_per_problem_as_calibration_bounds_them():
+    # Six requests of two prompts; the three of one prompt all changed: they fail together.
+    problems, changed = ["a"] * 3 + ["b"] * 3, [True] * 3 + [False] * 3
+    d = changed_damage(problems, changed)
+    assert (d.changed, d.n, d.share) == (3, 6, 0.5)
+    flags = np.array(changed)
+    zeros = np.zeros(6, bool)
+    assert d.upper == damage(problem_ranks(problems), flags, zeros, zeros, zeros).changed_upper
+    assert d.upper > clopper_pearson_upper(3, 6)  # counting requests as independent is too tight
+    assert changed_damage(["a", "b", "c"], [True, False, False]).upper == clopper_pearson_upper(1, 3)
 
 
 def test_recommended_is_the_newest_stored_policy_and_unreplayable_ones_say_why(source, engine):
