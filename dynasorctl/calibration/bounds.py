@@ -106,6 +106,9 @@ def betting_upper(x: Sequence[float] | np.ndarray, alpha: float = 0.05, lo: floa
         bet = np.clip(gap / (var + gap * gap), 0.0, cap_lambda)
         capital *= 1.0 + bet * (m - xi)
         np.maximum(best, capital, out=best)
+        # A rejected m stays rejected: holding its capital at the threshold changes no
+        # verdict and keeps long runs of small damage from overflowing.
+        np.minimum(capital, 1.0 / alpha, out=capital)
         total += xi
         squares += (xi - total / (weight + i + 1)) ** 2
     kept = np.flatnonzero(best < 1.0 / alpha)  # m = lo is never rejected: capital <= 1

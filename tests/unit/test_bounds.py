@@ -152,3 +152,12 @@ def test_problem_order_is_fixed_by_the_keys_alone() -> None:
     assert sorted(order) == keys and order != keys
     # Keys that sort alike order alike (a trace file's "p/<hash>" against the store's "<hash>").
     assert [f"p/{k}" for k in order] == problem_order([f"p/{k}" for k in keys])
+
+
+def test_betting_bound_on_thousands_of_clean_problems_does_not_overflow():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        upper = betting_upper(np.zeros(20_000))
+    assert 0 < upper <= 1.15 * (1 - 0.05 ** (1 / 20_000)) + 1e-4  # within a step of the grid
