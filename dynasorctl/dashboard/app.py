@@ -57,9 +57,10 @@ class Snapshot:
     problems: list[str] = field(default_factory=list)
 
 
-MODEL_WIDTH = 14
-ANSWER_WIDTH = 12
-COLUMNS = (("created (UTC)", 14), ("model", MODEL_WIDTH), ("mode", 7), ("outcome", 8), ("tokens", 7),
+# They fit the request table in half of a 150-column terminal; the detail pane shows it all.
+MODEL_WIDTH = 10
+ANSWER_WIDTH = 8
+COLUMNS = (("created (UTC)", 14), ("model", MODEL_WIDTH), ("mode", 7), ("outcome", 8), ("tokens", 6),
            ("probes", 6), ("answer", ANSWER_WIDTH))
 
 
