@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
+from typing import Any
 
 import httpx
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from proxy.app import ProxyApp
+from proxy.app import ProxyApp, create_app
+from proxy.settings import Settings
 from proxy.store.models import ProbeRow, RequestRow
+from tests.servers import serving
+
+STORY = [{"role": "user", "content": "Write a long story about a cat."}]
+# Stop at the first probe, 16 tokens in.
+STOP_AT_FIRST_PROBE = 'version = 1\nkind = "cot"\n\n[cot]\ninterval = 16\nwindow = 1\n'
+# Read each sample's answer by a probe at 16 tokens; one answer is enough (threshold 0).
+ONE_ANSWER_ENOUGH = ('version = 1\nkind = "sc"\n\n[sc]\nthreshold = 0.0\ncheck_tokens = 16\n'
+                     'min_samples = 1\nmax_samples = 4\n')
 
 
 async def both(upstream: str, proxy: str, path: str, body: dict) -> tuple[httpx.Response, httpx.Response]:
@@ -32,3 +44,70 @@ async def assert_probed(app: ProxyApp, engine: Engine, tokens: int, interval: in
     assert all(p.position % interval == 0 for p in probes)
     assert all(0 < p.output_tokens <= max_tokens for p in ok)
     assert app.metrics.probe_tokens >= sum(p.output_tokens for p in ok)
+
+
+def enforcing(upstream: str, tmp_path: Path, policy_toml: str, **settings: Any) -> Settings:
+    """Proxy settings that enforce `policy_toml` on every request, in front of `upstream`."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(policy_toml)
+    return Settings(upstream_url=upstream, db_url=f"sqlite:///{tmp_path}/e.db", mode="enforce",
+                    policy_file=str(policy), probe_max_tokens=8, **settings)
+
+
+async def enforced_stream(upstream: str, tmp_path: Path, after=None) -> None:
+    """A streamed request, stopped at the first probe, ends well formed with usage.
+
+    `after(client)` runs with the proxy still up, once the response is in.
+    """
+    body = {"model": "smollm2", "messages": STORY, "temperature": 0, "max_tokens": 1500, "stream": True,
+            "stream_options": {"include_usage": True}}
+    app = create_app(enforcing(upstream, tmp_path, STOP_AT_FIRST_PROBE))
+    async with serving(app) as url, httpx.AsyncClient(timeout=120) as client:
+        r = await client.post(f"{url}/v1/chat/completions", json=body)
+        if after is not None:
+            await after(client)
+    assert r.headers["x-dynasor-mode"] == "enforce" and r.content.endswith(b"data: [DONE]\n\n")
+    events = [json.loads(b[6:]) for b in r.content.split(b"\n\n") if b.startswith(b"data: {")]
+    ext = next(e["dynasor"] for e in events if "dynasor" in e)
+    assert ext["stopped"] and ext["stop_token"] == 16
+    usage = events[-1]["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] < 1500
+
+
+async def enforced_whole(upstream: str, tmp_path: Path, after=None) -> None:
+    """A non-streamed request, stopped at the first probe, comes back whole and well formed.
+
+    `after(client)` runs with the proxy still up, once the response is in.
+    """
+    body = {"model": "smollm2", "messages": STORY, "temperature": 0, "max_tokens": 1500}
+    app = create_app(enforcing(upstream, tmp_path, STOP_AT_FIRST_PROBE))
+    async with serving(app) as url, httpx.AsyncClient(timeout=120) as client:
+        r = await client.post(f"{url}/v1/chat/completions", json=body)
+        if after is not None:
+            await after(client)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    data = r.json()
+    assert data["object"] == "chat.completion" and data["model"] == "smollm2"
+    (choice,) = data["choices"]
+    assert choice["finish_reason"] == "stop" and choice["message"]["content"].endswith("}")
+    assert data["dynasor"]["stopped"] and data["dynasor"]["stop_token"] == 16
+    assert data["usage"]["prompt_tokens"] > 0 and data["usage"]["completion_tokens"] < 1500
+
+
+async def enforced_samples(upstream: str, tmp_path: Path, after=None) -> None:
+    """n = 4 under ONE_ANSWER_ENOUGH: the first sample read is used, the three unread ones aborted,
+    and the streamed response is well formed."""
+    body = {"model": "smollm2", "messages": STORY, "temperature": 1.0, "max_tokens": 300, "n": 4,
+            "stream": True, "stream_options": {"include_usage": True}}
+    app = create_app(enforcing(upstream, tmp_path, ONE_ANSWER_ENOUGH, sc_parallel=4))
+    async with serving(app) as url, httpx.AsyncClient(timeout=120) as client:
+        r = await client.post(f"{url}/v1/chat/completions", json=body)
+        if after is not None:
+            await after(client)
+    assert r.headers["x-dynasor-mode"] == "enforce" and r.content.endswith(b"data: [DONE]\n\n")
+    events = [json.loads(b[6:]) for b in r.content.split(b"\n\n") if b.startswith(b"data: {")]
+    assert {c["index"] for e in events for c in e["choices"]} == {0}
+    last = events[-1]
+    ext = last["dynasor"]
+    assert (ext["samples_used"], ext["samples_aborted"], ext["samples_not_started"]) == (1, 3, 0)
+    assert last["usage"]["completion_tokens"] == ext["generated_tokens"] < 300 + 3 * 300

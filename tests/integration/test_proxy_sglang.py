@@ -20,9 +20,9 @@ from proxy.store.db import open_store
 from tests.servers import serving
 
 try:  # a package module if tests/integration ever gets an __init__.py
-    from .checks import assert_probed, both
+    from .checks import assert_probed, both, enforced_samples, enforced_stream, enforced_whole
 except ImportError:
-    from checks import assert_probed, both
+    from checks import assert_probed, both, enforced_samples, enforced_stream, enforced_whole
 
 VOLATILE = re.compile(
     rb'"(id|created|cached_tokens)":\s*("[^"]*"|\d+)'
@@ -105,3 +105,15 @@ async def test_models_pass_through(sglang_url, proxy):
     assert via.status_code == direct.status_code == 200
     assert masked(via.content) == masked(direct.content)
     assert [m["id"] for m in via.json()["data"]] == ["smollm2"]
+
+
+async def test_enforced_stream_is_stopped_and_ends_well_formed(sglang_url, tmp_path):
+    await enforced_stream(sglang_url, tmp_path)
+
+
+async def test_enforced_non_streamed_request_is_stopped_and_answered_whole(sglang_url, tmp_path):
+    await enforced_whole(sglang_url, tmp_path)
+
+
+async def test_enforced_self_consistency_aborts_unneeded_samples(sglang_url, tmp_path):
+    await enforced_samples(sglang_url, tmp_path)
