@@ -7,41 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-import typer
-from typer.testing import CliRunner
 
-from dynasorctl.commands.calibrate import register
-from dynasorctl.errors import UserError
 from dynasorctl.traces import PACKAGED_SAMPLE
 from proxy.policy import load_policy_file
+from tests.cli import invoke, user_error
 
 SC_SAMPLE = PACKAGED_SAMPLE.parent / "sc-sample.jsonl.gz"
-runner = CliRunner()
-
-
-def app() -> typer.Typer:
-    a = typer.Typer()
-    register(a)
-    return a
-
-
-def invoke(args: list[str], cache: Path) -> tuple[int, str, Exception | None]:
-    """Run as `cli.main` does: a UserError is the command's one-line error (exit 2)."""
-    result = runner.invoke(app(), [*args, "--cache-dir", str(cache), "--workers", "1"],
-                           standalone_mode=False)
-    if isinstance(result.exception, UserError):
-        return 2, result.output, result.exception
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output, None
-
-
-def user_error(args: list[str], cache: Path) -> str:
-    code, _, exc = invoke(args, cache)
-    assert code == 2 and exc is not None
-    message = str(exc)
-    assert "\n" not in message and "Traceback" not in message
-    return message
 
 
 def records(path: Path) -> list[dict]:

@@ -15,10 +15,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import typer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from typer.testing import CliRunner
 
 from dynasorctl.calibration import targets
 from dynasorctl.calibration.bounds import clopper_pearson_upper
@@ -29,45 +27,17 @@ from dynasorctl.calibration.replay import Replayer
 from dynasorctl.calibration.search import SCHEDULES, Target, split_by_group
 from dynasorctl.calibration.store_source import load_programs, load_runs
 from dynasorctl.calibration.table import build_table
-from dynasorctl.commands import calibrate, labels
-from dynasorctl.errors import UserError
 from dynasorctl.traces import PACKAGED_SAMPLE, load
 from proxy.policy import FEATURES, CotPolicy, parse_policy_file
 from proxy.record import prompt_hash
 from proxy.recorder import Record, write_records
 from proxy.store import db
 from proxy.store.models import PolicyRow
+from tests.cli import invoke, user_error
 
 SC_SAMPLE = PACKAGED_SAMPLE.parent / "sc-sample.jsonl.gz"
 TEXT_FEATURES = ("think_closed", "answer_seen", "hesitations", "verifications")
 START = datetime(2026, 1, 1, tzinfo=UTC)
-runner = CliRunner()
-
-
-def app() -> typer.Typer:
-    a = typer.Typer()
-    calibrate.register(a)
-    labels.register(a)
-    return a
-
-
-def invoke(args: list[str], cache: Path) -> tuple[int, str, Exception | None]:
-    """Run as `cli.main` does: a UserError is the command's one-line error (exit 2)."""
-    if args[0] == "calibrate":
-        args = [*args, "--cache-dir", str(cache), "--workers", "1"]
-    result = runner.invoke(app(), args, standalone_mode=False)
-    if isinstance(result.exception, UserError):
-        return 2, result.output, result.exception
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output, None
-
-
-def user_error(args: list[str], cache: Path) -> str:
-    code, _, exc = invoke(args, cache)
-    assert code == 2 and exc is not None
-    assert "\n" not in str(exc)
-    return str(exc)
 
 
 def raw(path: Path) -> list[dict]:

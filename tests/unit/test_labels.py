@@ -8,36 +8,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import typer
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
-from typer.testing import CliRunner
 
 from dynasorctl.calibration.store_source import load_runs
-from dynasorctl.commands.labels import parse_line, register
-from dynasorctl.errors import UserError
+from dynasorctl.commands.labels import parse_line
 from proxy.recorder import Record, write_records
 from proxy.store import db
 from proxy.store.models import LabelRow
+from tests.cli import invoke
 
-runner = CliRunner()
 H1, H2, H3 = "1" * 64, "2" * 64, "3" * 64
 START = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def app() -> typer.Typer:
-    a = typer.Typer()
-    register(a)
-    return a
-
-
-def invoke(args: list[str]) -> tuple[int, str, Exception | None]:
-    result = runner.invoke(app(), args, standalone_mode=False)
-    if isinstance(result.exception, UserError):
-        return 2, result.output, result.exception
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output, None
 
 
 def _request(rid: str, prompt: str, i: int) -> Record:
