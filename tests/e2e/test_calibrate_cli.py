@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -11,20 +10,9 @@ import pytest
 from dynasorctl.traces import PACKAGED_SAMPLE
 from proxy.policy import load_policy_file
 from tests.cli import invoke, user_error
+from tests.jsonl import read_records, write_records
 
 SC_SAMPLE = PACKAGED_SAMPLE.parent / "sc-sample.jsonl.gz"
-
-
-def records(path: Path) -> list[dict]:
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh]
-
-
-def write_records(path: Path, rows: list[dict]) -> Path:
-    with gzip.open(path, "wt", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +46,7 @@ def test_evaluate_writes_one_decision_per_trace(calibrated: tuple[Path, str, Pat
                             "--out", str(out)], tmp_path / "cache")
     assert code == 0 and "net compute saved" in text and "answers lost / gained" in text
     decisions = [json.loads(line) for line in out.read_text().splitlines()]
-    traces = records(PACKAGED_SAMPLE)
+    traces = read_records(PACKAGED_SAMPLE)
     assert [d["trace_id"] for d in decisions] == [t["trace_id"] for t in traces]
     for d, t in zip(decisions, traces):
         assert set(d) == {"trace_id", "stop_token", "answer", "probes", "probe_tokens"}
@@ -78,7 +66,7 @@ def test_decisions_are_causal(calibrated: tuple[Path, str, Path], tmp_path: Path
             "--out", str(first)], tmp_path / "cache")
     decisions = [json.loads(line) for line in first.read_text().splitlines()]
     altered = []
-    for d, t in zip(decisions, records(PACKAGED_SAMPLE)):
+    for d, t in zip(decisions, read_records(PACKAGED_SAMPLE)):
         if d["stop_token"] is not None:
             stop = d["stop_token"]
             cut = len(t["text"]) * stop // t["completion_tokens"]
@@ -104,7 +92,7 @@ def test_self_consistency_evaluate(tmp_path: Path) -> None:
                             "--out", str(out)], tmp_path / "cache")
     assert code == 0 and "every recorded sample" in text
     decisions = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(decisions) == len(records(SC_SAMPLE))
+    assert len(decisions) == len(read_records(SC_SAMPLE))
     for d in decisions:
         assert set(d) == {"program_id", "samples", "answer", "probe_tokens"}
         assert 2 <= d["samples"] <= 8
@@ -128,7 +116,7 @@ def test_missing_trace_file(tmp_path: Path) -> None:
 
 def test_corrupt_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
-    good = json.dumps(records(PACKAGED_SAMPLE)[0])
+    good = json.dumps(read_records(PACKAGED_SAMPLE)[0])
     path.write_text(good + "\n{not json\n")
     assert f"{path}:2: not a trace record" in user_error(["calibrate", "--traces", str(path)],
                                                           tmp_path)
@@ -145,7 +133,7 @@ def test_empty_trace_file(tmp_path: Path) -> None:
 
 
 def test_traces_without_probes(tmp_path: Path) -> None:
-    rows = records(PACKAGED_SAMPLE)
+    rows = read_records(PACKAGED_SAMPLE)
     for row in rows:
         row["probes"] = []
     path = write_records(tmp_path / "bare.jsonl.gz", rows)

@@ -7,7 +7,6 @@ with its probes, plus requests calibration must leave out.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import re
@@ -34,22 +33,12 @@ from proxy.recorder import Record, write_records
 from proxy.store import db
 from proxy.store.models import PolicyRow
 from tests.cli import invoke, user_error
+from tests.jsonl import read_records
+from tests.jsonl import write_records as write_trace_file
 
 SC_SAMPLE = PACKAGED_SAMPLE.parent / "sc-sample.jsonl.gz"
 TEXT_FEATURES = ("think_closed", "answer_seen", "hesitations", "verifications")
 START = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def raw(path: Path) -> list[dict]:
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh]
-
-
-def write_traces(path: Path, rows: list[dict]) -> Path:
-    with gzip.open(path, "wt", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    return path
 
 
 def body(problem: str, model: str) -> dict:
@@ -174,14 +163,14 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def labelled(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> dict:
     """A labelled store and the same traces, each calibrated once; the store twice."""
     tmp = tmp_path_factory.mktemp("labelled")
-    traces = raw(PACKAGED_SAMPLE)
+    traces = read_records(PACKAGED_SAMPLE)
     url = new_store(tmp / "s.db", cot_records(traces))
     code, out, exc = invoke(["labels", "import", str(gold_file(
         tmp / "gold.jsonl", [(request_id(t["trace_id"]), t["gold"]) for t in traces])),
         "--db", url], cache)
     assert exc is None and code == 0, out
     assert "32 recorded requests labelled" in out
-    keyed = write_traces(tmp / "keyed.jsonl.gz", keyed_by_prompt(traces))
+    keyed = write_trace_file(tmp / "keyed.jsonl.gz", keyed_by_prompt(traces))
     target = ["--max-accuracy-drop", "60"]
     runs = {}
     for name, source in (("traces", ["--traces", str(keyed)]), ("db", ["--db", url]),
@@ -194,7 +183,7 @@ def labelled(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> dict:
 
 
 def test_store_runs_are_the_trace_runs() -> None:
-    traces = raw(PACKAGED_SAMPLE)
+    traces = read_records(PACKAGED_SAMPLE)
     engine = db.open_store("sqlite://")
     write_records(engine, cot_records(traces))
     found = load_runs(engine)
@@ -238,7 +227,7 @@ def test_recommended_policy_is_stored_inactive_and_versioned(labelled: dict) -> 
 
 
 def test_without_text_learned_rules_decide_on_probes_alone(tmp_path: Path, cache: Path) -> None:
-    traces = raw(PACKAGED_SAMPLE)
+    traces = read_records(PACKAGED_SAMPLE)
     engine = db.open_store("sqlite://")
     half = [i % 2 == 0 for i in range(len(traces))]  # --store-text on for a while only
     write_records(engine, cot_records(traces, text=half))
@@ -269,7 +258,7 @@ def test_without_text_learned_rules_decide_on_probes_alone(tmp_path: Path, cache
 
 
 def test_self_consistency_from_the_store(tmp_path: Path, cache: Path) -> None:
-    programs = raw(SC_SAMPLE)
+    programs = read_records(SC_SAMPLE)
     url = new_store(tmp_path / "s.db", sc_records(programs))
     hashes = [prompt_hash("chat", body(p["problem"], p["model"])) for p in programs]
     found = load_programs(db.open_store(url))
@@ -279,7 +268,7 @@ def test_self_consistency_from_the_store(tmp_path: Path, cache: Path) -> None:
         tmp_path / "gold.jsonl", [(h, p["gold"]) for h, p in zip(hashes, programs)],
         "prompt_hash")), "--db", url], cache)
     assert exc is None and "48 recorded requests labelled" in out, out
-    keyed = write_traces(tmp_path / "keyed.jsonl.gz", keyed_by_prompt(programs))
+    keyed = write_trace_file(tmp_path / "keyed.jsonl.gz", keyed_by_prompt(programs))
     outputs = []
     for source in (["--traces", str(keyed)], ["--db", url, "--kind", "sc"]):
         code, out, exc = invoke(["calibrate", *source, "--max-answers-lost", "90"], cache)
@@ -308,7 +297,7 @@ def test_empty_store(tmp_path: Path, cache: Path) -> None:
 
 
 def test_too_few_runs(tmp_path: Path, cache: Path) -> None:
-    url = new_store(tmp_path / "s.db", cot_records(raw(PACKAGED_SAMPLE)[:5]))
+    url = new_store(tmp_path / "s.db", cot_records(read_records(PACKAGED_SAMPLE)[:5]))
     message = user_error(["calibrate", "--db", url, "--max-answers-lost", "40"], cache)
     assert message.startswith("the store has 5 probed requests of 5 problems (distinct "
                               "prompts); calibration needs at least 12 problems for a "
