@@ -27,6 +27,7 @@ from proxy.endings import Endings
 from proxy.enforce import OPT_HEADER, Mode
 from proxy.equivalence import AsyncEquivalence
 from proxy.exchange import (
+    ENFORCED,
     JSON_HEADERS,
     Departure,
     Exchange,
@@ -39,6 +40,7 @@ from proxy.exchange import (
     probe_headers,
     read_body,
     respond,
+    written_headers,
 )
 from proxy.metrics import Metrics
 from proxy.observe import ResponseObserver
@@ -279,9 +281,7 @@ class ProxyApp:
         enforcing = is_sse and ((ex.probes is not None and ex.probes.enforcing)
                                 or (ex.member and ex.mode == "enforce"))
         assembling = ex.assembled and is_sse and resp.status == 200
-        headers = forwardable(resp.headers)
-        if enforcing:
-            headers.append((b"x-dynasor-mode", b"enforce"))
+        headers = forwardable(resp.headers) + ([ENFORCED] if enforcing else [])
         try:
             if not assembling:
                 await send({"type": "http.response.start", "status": resp.status, "headers": headers})
@@ -312,7 +312,7 @@ class ProxyApp:
         if client.gone:
             return
         if assembling:
-            await self.endings.whole(send, ex, headers)
+            await self.endings.whole(send, ex, written_headers(resp.headers, enforcing, JSON_HEADERS))
             return
         if ex.enforced is not None:
             await send({"type": "http.response.body", "body": await self.endings.tail(ex), "more_body": True})
@@ -337,10 +337,8 @@ class ProxyApp:
             if stream is None:
                 return
             if not started:
-                out = [(k, v) for k, v in forwardable(sample.headers) if k != b"content-length"]
-                if enforcing:
-                    out.append((b"x-dynasor-mode", b"enforce"))
-                await send({"type": "http.response.start", "status": 200, "headers": out})
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": written_headers(sample.headers, enforcing)})
                 started = True
             await send({"type": "http.response.body", "body": stream.sample(sample.chunks), "more_body": True})
 

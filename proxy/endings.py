@@ -15,7 +15,15 @@ from typing import Any
 
 from proxy.assemble import SampleStream, Usage, choice_body, completion
 from proxy.enforce import StopInfo, answer_text, stop_extension, tail_chunks, verdict_extension
-from proxy.exchange import JSON_HEADERS, Exchange, Send, respond, wants_usage
+from proxy.exchange import (
+    ENFORCED,
+    JSON_HEADERS,
+    Exchange,
+    Send,
+    respond,
+    wants_usage,
+    written_headers,
+)
 from proxy.metrics import Metrics
 from proxy.observe import ChoiceText
 from proxy.programs import Programs, Verdict
@@ -63,10 +71,10 @@ class Endings:
         prompt_tokens = await self.prompt_tokens(ex) if wants_usage(ex) else None
         extension = verdict_extension(ex.enforced, 0)
         if ex.body.get("stream"):
-            headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"x-dynasor-mode", b"enforce")]
+            headers = [(b"content-type", b"text/event-stream; charset=utf-8"), ENFORCED]
             body = tail_chunks(ex.kind, envelope, text, extension, 0, prompt_tokens, wants_usage(ex))
         else:
-            headers = [*JSON_HEADERS, (b"x-dynasor-mode", b"enforce")]
+            headers = [*JSON_HEADERS, ENFORCED]
             part = choice_body(ex.kind, 0, ChoiceText(0), None, text.lstrip("\n"), "stop")
             body = completion(ex.kind, envelope, [part], Usage(prompt_tokens, 0), extension)
         await respond(send, 200, body, headers)
@@ -92,13 +100,8 @@ class Endings:
         first = result.finished[0].observer
         choices = [choice_body(ex.kind, i, s.observer.finish().choices[0], s.observer.reasoning_field)
                    for i, s in enumerate(result.finished)]
-        forwarded = [(k, v) for k, v in forwardable(result.finished[0].headers)
-                     if k not in (b"content-type", b"content-length")]
-        if enforcing:
-            forwarded.append((b"x-dynasor-mode", b"enforce"))
         await respond(send, 200, completion(ex.kind, first.envelope, choices, usage, extension),
-                            JSON_HEADERS + forwarded)
-
+                      written_headers(result.finished[0].headers, enforcing, JSON_HEADERS))
 
     async def program_failed(self, send: Send, ex: Exchange, failed: Sample, started: bool) -> None:
         """A sample the upstream failed fails the request, as it would have failed upstream."""
@@ -129,15 +132,14 @@ class Endings:
         return tail_chunks(ex.kind, ex.observer.envelope, text, self.extension(ex, tokens), tokens,
                            prompt_tokens, wants_usage(ex))
 
-    async def whole(self, send: Send, ex: Exchange, upstream_headers: Headers) -> None:
+    async def whole(self, send: Send, ex: Exchange, headers: Headers) -> None:
         """The completion a non-streamed request asked for, from the stream the proxy watched."""
         assert ex.observer is not None
         outcome = ex.observer.finish()
-        headers = [(k, v) for k, v in upstream_headers if k not in (b"content-type", b"content-length")]
         if ex.error is not None or outcome.error is not None:
             ex.status = 502
             message = ex.error or f"upstream error mid-generation: {outcome.error}"
-            await respond(send, 502, error_body(message, "upstream_error", 502), JSON_HEADERS + headers)
+            await respond(send, 502, error_body(message, "upstream_error", 502), headers)
             return
         choice = ex.observer.live_choice(0) or ChoiceText(0)
         field = ex.observer.reasoning_field
@@ -150,7 +152,7 @@ class Endings:
             tokens = outcome.completion_tokens if outcome.completion_tokens is not None else choice.tokens
             body = completion(ex.kind, ex.observer.envelope, [choice_body(ex.kind, 0, choice, field)],
                               Usage(outcome.prompt_tokens, tokens))
-        await respond(send, 200, body, JSON_HEADERS + headers)
+        await respond(send, 200, body, headers)
 
     async def prompt_tokens(self, ex: Exchange) -> int | None:
         """The prompt's token count, from a one-token request (the prefix cache makes it cheap)."""

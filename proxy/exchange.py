@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from proxy.enforce import Mode, StopInfo
-from proxy.upstream import Headers
+from proxy.upstream import Headers, forwardable
 
 if TYPE_CHECKING:
     from proxy.control import Plan
@@ -22,6 +22,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
+ENFORCED = (b"x-dynasor-mode", b"enforce")  # the response header of an enforced request
 
 
 @dataclass
@@ -73,6 +74,16 @@ class Departure:
 
     def stop(self) -> None:
         self._watcher.cancel()
+
+
+def written_headers(upstream: Headers, enforced: bool, content_type: Headers = ()) -> Headers:
+    """Headers of a body the proxy wrote itself: the upstream's, with `content_type` in place of
+    its own where given and no content length (the body differs), marked when enforced."""
+    drop = {b"content-length", *(k for k, _ in content_type)}
+    out = [*content_type, *((k, v) for k, v in forwardable(upstream) if k not in drop)]
+    if enforced:
+        out.append(ENFORCED)
+    return out
 
 
 async def respond(send: Send, status: int, body: bytes, headers: Headers) -> None:
