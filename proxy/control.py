@@ -21,7 +21,15 @@ from proxy import rollout
 from proxy.enforce import Mode, choose
 from proxy.guardrails import Guardrails
 from proxy.metrics import Metrics
-from proxy.policy import CotPolicy, PolicyFile, ScPolicy, PolicyFileError, load_policy_file, parse_policy_file, select_policy
+from proxy.policy import (
+    CotPolicy,
+    PolicyFile,
+    PolicyFileError,
+    ScPolicy,
+    load_policy_file,
+    parse_policy_file,
+    select_policy,
+)
 from proxy.settings import Settings
 
 if TYPE_CHECKING:
@@ -115,9 +123,10 @@ class Control:
             scope, scope_mode, percent = scope_state.scope, scope_state.mode, scope_state.percent
             chosen = self._policy(scope_state)
             name = f"policy {scope_state.policy_id}" if scope_state.policy_id is not None else None
-        applies = chosen is not None and chosen.applies_to(model)
-        policy = chosen.cot if applies and chosen is not None and samples == 1 else None
-        sc = chosen.sc if applies and chosen is not None and (samples > 1 or tagged) else None
+        if chosen is not None and not chosen.applies_to(model):
+            chosen = None
+        policy = chosen.cot if chosen is not None and samples == 1 else None
+        sc = chosen.sc if chosen is not None and (samples > 1 or tagged) else None
         mode = choose(scope_mode, percent, program_key, opt, self.settings.allow_opt_in)  # type: ignore[arg-type]
         if mode in ("shadow", "enforce") and policy is None and sc is None:
             mode = "observe"
