@@ -183,9 +183,8 @@ class ProxyApp:
         raw = await read_body(receive)
         body = json_object(raw)
         headers: Headers = scope["headers"]
-        ex = Exchange(uuid.uuid4().hex, kind, body, started, None, None, None)
+        ex = Exchange(uuid.uuid4().hex, kind, body, started, None, None, None, client_headers=headers)
         if body is not None:
-            ex.credentials = probe_headers(headers)
             stream = bool(body.get("stream"))
             n = body.get("n") if isinstance(body.get("n"), int) else 1
             tag = header(headers, PROGRAM_HEADER)
@@ -211,7 +210,7 @@ class ProxyApp:
                 return
             ex.assembled = not stream and n == 1 and assemblable(body, ex.mode)
             if (stream or ex.assembled) and n == 1 and self._should_probe(kind, body, ex.mode):
-                ex.probes = self.prober.session(kind, body, ex.credentials, ex.plan.policy,
+                ex.probes = self.prober.session(kind, body, probe_headers(headers), ex.plan.policy,
                                                 enforcing=ex.mode == "enforce")
             ex.assembled = ex.assembled and (ex.probes is not None or ex.member)
             if ex.mode != "observe" and ex.probes is None and not ex.member:
@@ -325,7 +324,7 @@ class ProxyApp:
         enforcing = ex.mode == "enforce"
         headers: Headers = scope["headers"]
         run = ProgramRun(self.upstream, self.prober, self.equivalence, ex.kind, scope["path"], ex.body,
-                         headers, ex.credentials or [], policy, enforcing,
+                         headers, probe_headers(headers), policy, enforcing,
                          self.settings.sc_parallel or policy.min_samples)
         stream = SampleStream() if ex.body.get("stream") else None
         started = False

@@ -20,6 +20,7 @@ from proxy.exchange import (
     JSON_HEADERS,
     Exchange,
     Send,
+    probe_headers,
     respond,
     wants_usage,
     written_headers,
@@ -162,7 +163,8 @@ class Endings:
         body.pop("max_completion_tokens", None)
         path = "/v1/chat/completions" if ex.kind == "chat" else "/v1/completions"
         try:
-            resp = await self.upstream.send("POST", path, ex.credentials or JSON_HEADERS, json.dumps(body).encode())
+            resp = await self.upstream.send("POST", path, probe_headers(ex.client_headers),
+                                            json.dumps(body).encode())
             try:
                 data = json.loads(b"".join([c async for c in resp.chunks()]))
             finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from proxy.enforce import Mode, StopInfo
@@ -46,7 +46,7 @@ class Exchange:
     assembled: bool = False  # a non-streamed request the proxy answers from an upstream stream
     program: ProgramResult | None = None  # the samples of a request run under a self-consistency policy
     member: bool = False  # one sample of a tagged program under a self-consistency policy
-    credentials: Headers | None = None  # the client's, for the proxy's own upstream requests
+    client_headers: Headers = field(default_factory=list)  # the request's, as the client sent them
 
 
 class Departure:

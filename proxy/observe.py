@@ -8,10 +8,11 @@ the relay's hot path.
 
 from __future__ import annotations
 
-import orjson
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from proxy.dialect import REASONING_FIELDS, error_message, reasoning_of
 from proxy.sse import SseReader

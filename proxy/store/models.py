@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import false as sa_false
 from sqlalchemy import (
     Boolean,
     CheckConstraint,
@@ -22,6 +21,7 @@ from sqlalchemy import (
     Text,
     false,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
