@@ -157,11 +157,22 @@ class ProgramRun:
                                                     position)
         except (UpstreamError, ValueError) as exc:
             log.warning("self-consistency check probe failed: %s", exc)
-            # an unread answer counts as no answer, as in replay
+        except Exception:  # a bug must not leave the request waiting for this answer
+            log.exception("self-consistency check probe failed")
+        if sample.check is None:  # an unread answer counts as no answer, as in replay
             sample.check = ProbeResult(position, None, False, 0, None, "error")
         self._events.put_nowait(("checked", sample, sample.check.answer))
 
     async def _generate(self, sample: Sample) -> None:
+        try:
+            await self._run_sample(sample)
+        except Exception as exc:  # a bug must fail the request, not leave it waiting
+            log.exception("self-consistency sample %d failed", sample.index)
+            sample.error = f"the proxy failed sample {sample.index}: {exc!r}"
+            self._events.put_nowait(("failed", sample, None))
+
+    async def _run_sample(self, sample: Sample) -> None:
+        """Generate one sample; tell the run how it ended."""
         try:
             resp = await self._upstream.send("POST", self._path, self._headers, self._sample_body(sample.index))
         except UpstreamError as exc:

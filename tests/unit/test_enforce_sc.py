@@ -285,3 +285,20 @@ async def test_shadow_records_where_a_tagged_program_would_have_stopped(sc_polic
     assert len(made) == 3
     assert [rec.request["decision_token"] for rec in sink.records] == [None, 2, None]
     assert [rec.request["decision_answer"] for rec in sink.records] == [None, "7", None]
+
+
+async def test_an_unexpected_failure_of_a_check_probe_does_not_leave_the_request_waiting(tmp_path):
+    policy = tmp_path / "check.toml"
+    policy.write_text(SC_POLICY.replace("min_samples = 2", "min_samples = 2\ncheck_tokens = 64"))
+    made, main = samples([("8", 100, 0.001)] * 3)
+
+    def handler(call: Call):
+        if call.json().get("continue_final_message"):
+            return RuntimeError("a bug in the probe path")  # not an upstream error
+        return main(call)
+
+    app, upstream, sink, client = make(handler, mode="enforce", policy_file=str(policy))
+    async with app:
+        r = await asyncio.wait_for(client.post("/v1/chat/completions", json=chat_body(n=3)), 10)
+    assert r.status_code == 200  # the unread answers count as none, as in replay
+    assert r.json()["dynasor"]["samples_requested"] == 3
