@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dynasorctl.traces import CotTrace, ScProgram
-from proxy.policy import ProbeObservation
+from proxy.core.policy import ProbeObservation
 
 # Appended to the answer of a probe recorded as uncertain, so the proxy's
 # hesitation check sees what the model wrote when it was unsure.

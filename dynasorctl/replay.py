@@ -43,7 +43,7 @@ from dynasorctl.recordings import (
     trace_reply,
 )
 from dynasorctl.traces import CotTrace, ScProgram
-from proxy.exchange import read_body
+from proxy.pipeline.exchange import read_body
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

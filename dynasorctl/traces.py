@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy.policy import ProbeObservation
+from proxy.core.policy import ProbeObservation
 
 PACKAGED_SAMPLE = Path(__file__).parent / "data" / "cot-sample.jsonl.gz"
 PACKAGED_SC_SAMPLE = Path(__file__).parent / "data" / "sc-sample.jsonl.gz"

@@ -11,8 +11,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from proxy.certaindex import DEFAULT_PROBE_SUFFIX
-from proxy.guardrails import GuardrailSettings
+from proxy.control.guardrails import GuardrailSettings
+from proxy.core.certaindex import DEFAULT_PROBE_SUFFIX
 
 
 class Settings(BaseSettings):

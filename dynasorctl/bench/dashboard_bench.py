@@ -25,7 +25,7 @@ from dynasorctl.dashboard import savings
 from dynasorctl.dashboard.calibrate import CalibrationSettings, run_calibration
 from dynasorctl.dashboard.source import Filters, StoreSource
 from dynasorctl.errors import UserError
-from proxy import rollout
+from proxy.control import rollout
 from proxy.store.db import open_store
 from proxy.store.models import PolicyRow, ProbeRow, RequestRow
 

@@ -29,8 +29,8 @@ from dynasorctl.calibration.sc import replay_program
 from dynasorctl.calibration.table import PROBE_PROMPT_COST
 from dynasorctl.stack import replay_and_proxy
 from dynasorctl.traces import CotTrace, ScProgram
-from proxy.certaindex import extract_boxed
-from proxy.policy import PolicyFile
+from proxy.core.certaindex import extract_boxed
+from proxy.core.policy import PolicyFile
 from proxy.store.db import open_store
 from proxy.store.models import RequestRow
 

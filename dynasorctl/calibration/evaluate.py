@@ -11,7 +11,7 @@ from dynasorctl.calibration.observed import ObservedProgram, ObservedRun
 from dynasorctl.calibration.sc import replay_program
 from dynasorctl.calibration.table import PROBE_PROMPT_COST, build_table
 from dynasorctl.errors import UserError
-from proxy.policy import CotPolicy, PolicyFile, first_stop, probes_used
+from proxy.core.policy import CotPolicy, PolicyFile, first_stop, probes_used
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
-from proxy.certaindex import normalize_answer
-from proxy.equivalence import Equivalence, fast_same
+from proxy.core.certaindex import normalize_answer
+from proxy.pipeline.equivalence import Equivalence, fast_same
 
 # Two numbers this far apart (relatively) differ; two within rounding error of each other
 # are equal; anything in between is left to math-verify, which has its own rounding rules.

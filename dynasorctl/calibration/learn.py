@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from dynasorctl.calibration.replay import Replayer
-from proxy.policy import FEATURES, CotPolicy, StopRule
+from proxy.core.policy import FEATURES, CotPolicy, StopRule
 
 # Agreement needed before a probe becomes a training row.
 TRAIN_WINDOW = 2

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dynasorctl.errors import UserError
 from dynasorctl.traces import CotTrace, ScProgram, TraceFileError, load
-from proxy.policy import ProbeObservation
+from proxy.core.policy import ProbeObservation
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """Writing policy files (TOML), with each field's documentation as a comment.
 
-Reading and validation live with the policy models in `proxy.policy`, so the proxy
+Reading and validation live with the policy models in `proxy.core.policy`, so the proxy
 loads files without this package; errors become UserErrors here, at the CLI's edge.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from dynasorctl.errors import UserError
-from proxy.policy import (
+from proxy.core.policy import (
     POLICY_FILE_VERSION,
     PolicyFile,
     PolicyFileError,

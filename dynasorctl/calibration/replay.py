@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dynasorctl.calibration.table import ProbeTable
-from proxy.policy import CotPolicy, StopRule, first_stop
+from proxy.core.policy import CotPolicy, StopRule, first_stop
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,9 +27,9 @@ from dynasorctl.calibration.search import (
     split_by_group,
 )
 from dynasorctl.calibration.table import PROBE_PROMPT_COST
-from proxy.certaindex import majority
-from proxy.equivalence import group_answers
-from proxy.policy import ScPolicy, decide_sc, sc_answer_at_check
+from proxy.core.certaindex import majority
+from proxy.core.policy import ScPolicy, decide_sc, sc_answer_at_check
+from proxy.pipeline.equivalence import group_answers
 
 # Self-consistency recordings do not say how many tokens a probe decoded; this is the
 # mean over the chain-of-thought recordings (6.6), rounded up.

@@ -22,7 +22,7 @@ from dynasorctl.calibration.damage import Damage
 from dynasorctl.calibration.learn import fit_rule
 from dynasorctl.calibration.metrics import Grades, figures, never_stop_stops
 from dynasorctl.calibration.replay import Replayer, Stops
-from proxy.policy import PAPER_DEFAULT, CotPolicy
+from proxy.core.policy import PAPER_DEFAULT, CotPolicy
 
 NEVER = "never stop"
 PAPER = "paper default"

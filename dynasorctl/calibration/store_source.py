@@ -1,6 +1,6 @@
 """The observation store as calibration's source, and the home of calibrated policies.
 
-Reads what `proxy.record` wrote into the runs and programs of `observed.py` (the
+Reads what `proxy.pipeline.record` wrote into the runs and programs of `observed.py` (the
 mapping is described there), and keeps recommended policies as versioned rows.
 """
 
@@ -23,7 +23,7 @@ from dynasorctl.calibration.observed import (
     without_text,
 )
 from dynasorctl.errors import UserError
-from proxy.policy import ProbeObservation
+from proxy.core.policy import ProbeObservation
 from proxy.store.models import LabelRow, PolicyRow, ProbeRow, RequestRow, SampleRow
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from dynasorctl.calibration.observed import ObservedRun
-from proxy.certaindex import normalize_answer
-from proxy.policy import (
+from proxy.core.certaindex import normalize_answer
+from proxy.core.policy import (
     HESITATION_RE,
     HESITATION_WORDS,
     RECENT_CHARS,

@@ -53,7 +53,7 @@ from dynasorctl.calibration.targets import (
 )
 from dynasorctl.errors import UserError
 from dynasorctl.options import store
-from proxy.policy import CotPolicy, PolicyFile
+from proxy.core.policy import CotPolicy, PolicyFile
 
 # Reports are wide tables: outside a terminal (pipes, CI) do not squeeze them to 80 columns.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)

@@ -25,9 +25,9 @@ from dynasorctl import traces
 from dynasorctl.errors import UserError
 from dynasorctl.options import DbOption, store
 from dynasorctl.stack import replay_and_proxy
-from proxy.equivalence import Equivalence
-from proxy.policy import PAPER_DEFAULT, ProbeObservation, first_stop
-from proxy.record import prompt_hash
+from proxy.core.policy import PAPER_DEFAULT, ProbeObservation, first_stop
+from proxy.pipeline.equivalence import Equivalence
+from proxy.pipeline.record import prompt_hash
 from proxy.store.db import default_url
 from proxy.store.models import ProbeRow, RequestRow
 

@@ -109,8 +109,8 @@ def observe(
     if settings.admin_token:
         check_port_free("127.0.0.1", settings.admin_port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from proxy.app import create_app
-    from proxy.policy import PolicyFileError
+    from proxy.core.policy import PolicyFileError
+    from proxy.pipeline.app import create_app
 
     try:
         app = create_app(settings)
@@ -125,7 +125,7 @@ def observe(
     )
     admin = None
     if settings.admin_token:
-        from proxy.admin import AdminApp
+        from proxy.control.admin import AdminApp
 
         admin = AdminApp(app, settings.admin_token)
         err_console.print(f"admin API on http://127.0.0.1:{settings.admin_port} (token required)")

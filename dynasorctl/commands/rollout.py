@@ -1,6 +1,6 @@
 """`dynasorctl rollout`: how far a policy is rolled out, per scope, changed with a reason.
 
-The state lives in the store (`proxy.rollout`); every proxy on that store follows a
+The state lives in the store (`proxy.control.rollout`); every proxy on that store follows a
 change within a second. Every change is audited with who made it and why.
 """
 
@@ -19,8 +19,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dynasorctl.errors import UserError
 from dynasorctl.options import DbOption, store
-from proxy import rollout
-from proxy.rollout import AuditEntry, RolloutError, ScopeState
+from proxy.control import rollout
+from proxy.control.rollout import AuditEntry, RolloutError, ScopeState
 from proxy.store.db import StoreError
 
 rollout_app = typer.Typer(

@@ -39,7 +39,7 @@ from dynasorctl.dashboard.source import (
     Traffic,
 )
 from dynasorctl.errors import UserError
-from proxy.rollout import NEEDS_POLICY, RolloutError, ScopeState
+from proxy.control.rollout import NEEDS_POLICY, RolloutError, ScopeState
 
 PROXY_TIMEOUT_S = 1.0
 

@@ -34,7 +34,7 @@ from dynasorctl.calibration.targets import (
 )
 from dynasorctl.dashboard.savings import MAX_RUNS, StoredPolicy, recent_runs
 from dynasorctl.errors import UserError
-from proxy.policy import CotPolicy, PolicyFile
+from proxy.core.policy import CotPolicy, PolicyFile
 from proxy.store.models import PolicyRow
 
 ALPHA = 0.05

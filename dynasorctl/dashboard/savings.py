@@ -34,7 +34,7 @@ from dynasorctl.calibration.grading import Grader
 from dynasorctl.calibration.observed import ObservedRun, gold_for, run_from_request
 from dynasorctl.calibration.table import PROBE_PROMPT_COST
 from dynasorctl.errors import UserError
-from proxy.policy import PolicyFileError, ProbeObservation, parse_policy_file
+from proxy.core.policy import PolicyFileError, ProbeObservation, parse_policy_file
 from proxy.store.models import LabelRow, PolicyRow, ProbeRow, RequestRow
 
 MAX_DECIDED = 5000  # observed: the newest requests one policy decided

@@ -24,9 +24,9 @@ from dynasorctl.dashboard.calibrate import (
 )
 from dynasorctl.dashboard.savings import Savings, StoredPolicy, newest_policy
 from dynasorctl.dashboard.savings import savings as read_savings
-from proxy import rollout
-from proxy.policy import PAPER_DEFAULT, CotPolicy, ProbeObservation, first_stop
-from proxy.rollout import AuditEntry, ScopeState
+from proxy.control import rollout
+from proxy.control.rollout import AuditEntry, ScopeState
+from proxy.core.policy import PAPER_DEFAULT, CotPolicy, ProbeObservation, first_stop
 from proxy.store.models import ProbeRow, RequestRow
 
 Clock = Callable[[], datetime]

@@ -157,7 +157,7 @@ class PolicyRow(Base):
 class RolloutScopeRow(Base):
     """How far a policy is rolled out in one scope: "*", "model:NAME" or "key:NAME".
 
-    Proxies read these rows every second; `proxy.rollout` is the only writer, and
+    Proxies read these rows every second; `proxy.control.rollout` is the only writer, and
     it audits every change in `rollout_audit`.
     """
 

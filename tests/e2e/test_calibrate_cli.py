@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dynasorctl.traces import PACKAGED_SAMPLE
-from proxy.policy import load_policy_file
+from proxy.core.policy import load_policy_file
 from tests.cli import invoke, user_error
 from tests.jsonl import read_records, write_records
 

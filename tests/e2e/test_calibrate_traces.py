@@ -13,7 +13,7 @@ from dynasorctl.calibration.observed import load_observations
 from dynasorctl.calibration.replay import Replayer
 from dynasorctl.calibration.table import build_table
 from dynasorctl.traces import PACKAGED_SAMPLE
-from proxy.policy import FEATURES, CotPolicy, StopRule, first_stop
+from proxy.core.policy import FEATURES, CotPolicy, StopRule, first_stop
 
 COT_DEV = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces" / "cot-dev.jsonl.gz"
 TRACES = COT_DEV if COT_DEV.exists() else PACKAGED_SAMPLE

@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session
 
 from dynasorctl import traces
 from dynasorctl.replay import serve_replay
-from proxy.app import create_app
-from proxy.certaindex import normalize_answer
-from proxy.equivalence import Equivalence
+from proxy.core.certaindex import normalize_answer
+from proxy.pipeline.app import create_app
+from proxy.pipeline.equivalence import Equivalence
 from proxy.settings import Settings
 from proxy.store.db import open_store
 from proxy.store.models import ProbeRow, RequestRow, SampleRow

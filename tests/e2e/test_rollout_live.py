@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy import insert
 
 from dynasorctl.stack import free_port, running
-from proxy import rollout
-from proxy.admin import AdminApp
-from proxy.app import create_app
-from proxy.guardrails import GuardrailSettings
+from proxy.control import rollout
+from proxy.control.admin import AdminApp
+from proxy.control.guardrails import GuardrailSettings
+from proxy.pipeline.app import create_app
 from proxy.settings import Settings
 from proxy.store.db import open_store
 from proxy.store.models import PolicyRow

@@ -11,7 +11,7 @@ import httpx
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from proxy.app import ProxyApp, create_app
+from proxy.pipeline.app import ProxyApp, create_app
 from proxy.settings import Settings
 from proxy.store.models import ProbeRow, RequestRow
 from tests.servers import serving

@@ -14,7 +14,7 @@ import re
 import httpx
 import pytest
 
-from proxy.app import create_app
+from proxy.pipeline.app import create_app
 from proxy.settings import Settings
 from proxy.store.db import open_store
 from tests.servers import serving

@@ -22,7 +22,7 @@ from dynasorctl.bench.processes import Server, free_port
 from dynasorctl.commands import bench as bench_command
 from dynasorctl.errors import UserError
 from proxy.metrics import Metrics
-from proxy.sse import SseReader
+from proxy.pipeline.sse import SseReader
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "What is 6 * 7?"}]}
 PROBE = {**CHAT, "stream": True, "continue_final_message": True, "add_generation_prompt": False,

@@ -27,11 +27,11 @@ from dynasorctl.calibration.search import SCHEDULES, Target, split_by_group
 from dynasorctl.calibration.store_source import load_programs, load_runs
 from dynasorctl.calibration.table import build_table
 from dynasorctl.traces import PACKAGED_SAMPLE, load
-from proxy.policy import FEATURES, CotPolicy, parse_policy_file
-from proxy.record import prompt_hash
-from proxy.recorder import Record, write_records
+from proxy.core.policy import FEATURES, CotPolicy, parse_policy_file
+from proxy.pipeline.record import prompt_hash
 from proxy.store import db
 from proxy.store.models import PolicyRow
+from proxy.store.recorder import Record, write_records
 from tests.cli import invoke, user_error
 from tests.jsonl import read_records
 from tests.jsonl import write_records as write_trace_file

@@ -24,7 +24,7 @@ from dynasorctl.calibration.search import (
     split_by_group,
 )
 from dynasorctl.calibration.table import build_table
-from proxy.policy import CotPolicy, ProbeObservation
+from proxy.core.policy import CotPolicy, ProbeObservation
 
 
 class CountingSlow:

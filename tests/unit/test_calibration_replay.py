@@ -17,8 +17,8 @@ from dynasorctl.calibration.table import (
     text_cut,
 )
 from dynasorctl.traces import PACKAGED_SAMPLE
-from proxy.certaindex import normalize_answer
-from proxy.policy import (
+from proxy.core.certaindex import normalize_answer
+from proxy.core.policy import (
     FEATURES,
     HESITATION_RE,
     VERIFICATION_RE,

@@ -14,7 +14,7 @@ from dynasorctl.calibration.sc import (
     sc_figures,
 )
 from dynasorctl.calibration.table import PROBE_PROMPT_COST
-from proxy.policy import ProbeObservation, ScPolicy
+from proxy.core.policy import ProbeObservation, ScPolicy
 
 
 def sample(final: str | None, tokens: int, early: str | None = None) -> ObservedRun:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from proxy.certaindex import (
+from proxy.core.certaindex import (
     close_brace,
     entropy_certaindex,
     extract_boxed,

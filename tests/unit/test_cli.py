@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from dynasorctl.cli import app
-from proxy.recorder import write_records
 from proxy.store.db import open_store
+from proxy.store.recorder import write_records
 from tests.unit.test_store import _record
 
 runner = CliRunner()

@@ -25,11 +25,11 @@ from dynasorctl.dashboard.calibrate import CalibrationSettings
 from dynasorctl.dashboard.panels import savings_text
 from dynasorctl.dashboard.savings import Damage, Group, changed_damage
 from dynasorctl.dashboard.source import Filters, SourceError, StoreSource
-from proxy import rollout
-from proxy.policy import parse_policy_file
-from proxy.recorder import Record, write_records
+from proxy.control import rollout
+from proxy.core.policy import parse_policy_file
 from proxy.store.db import make_engine, open_store
 from proxy.store.models import PolicyRow, RolloutAuditRow, RolloutScopeRow
+from proxy.store.recorder import Record, write_records
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 POLICY = 'version = 1\nkind = "cot"\nmodel = "*"\n\n[cot]\ninterval = 64\nwindow = 2\n'

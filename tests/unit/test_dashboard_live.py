@@ -8,7 +8,7 @@ import httpx
 
 from dynasorctl.dashboard.app import create_app as create_dashboard
 from dynasorctl.dashboard.source import StoreSource
-from proxy.app import create_app as create_proxy
+from proxy.pipeline.app import create_app as create_proxy
 from proxy.settings import Settings
 from proxy.store.db import make_engine
 from tests.fakes import SSE, Call, FakeResponse, ScriptedUpstream, chat_stream, probe_reply

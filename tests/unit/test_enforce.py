@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from proxy.enforce import answer_text, choose, in_rollout
+from proxy.core.treatment import choose, in_rollout
+from proxy.pipeline.enforce import answer_text
 from tests.fakes import SSE, Call, FakeResponse, chat_stream, probe_reply
 from tests.unit.test_proxy import chat_body, make
 

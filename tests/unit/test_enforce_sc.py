@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from proxy.control import Control
+from proxy.control.plan import Control
+from proxy.core.policy import ScPolicy
 from proxy.metrics import Metrics
-from proxy.policy import ScPolicy
-from proxy.samples import ProgramRun
+from proxy.pipeline.samples import ProgramRun
 from proxy.settings import Settings
 from tests.fakes import SSE, Call, FakeResponse, chat_stream, probe_reply
 from tests.unit.test_enforce import events

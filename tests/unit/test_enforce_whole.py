@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from proxy.sse import SseReader
+from proxy.pipeline.sse import SseReader
 from tests.fakes import SSE, FakeResponse, chat_stream, sse
 from tests.unit.test_enforce import policy_file, scripted  # noqa: F401 - the fixture
 from tests.unit.test_proxy import chat_body, make

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from proxy.equivalence import AsyncEquivalence, Equivalence, group_answers
+from proxy.pipeline.equivalence import AsyncEquivalence, Equivalence, group_answers
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def _slow_check(a, b):
 
 
 async def test_async_equivalence_times_out_to_different(monkeypatch):
-    import proxy.equivalence as mod
+    import proxy.pipeline.equivalence as mod
 
     monkeypatch.setattr(mod, "_math_verify", _slow_check)
     eq = AsyncEquivalence(timeout_s=0.5)
@@ -66,7 +66,7 @@ async def test_async_equivalence_times_out_to_different(monkeypatch):
 
 
 async def test_checks_that_time_out_together_replace_the_worker_once(monkeypatch):
-    import proxy.equivalence as mod
+    import proxy.pipeline.equivalence as mod
 
     monkeypatch.setattr(mod, "_math_verify", _slow_check)
     eq = AsyncEquivalence(timeout_s=0.5)

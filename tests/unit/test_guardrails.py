@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.guardrails import Guardrails, GuardrailSettings
+from proxy.control.guardrails import Guardrails, GuardrailSettings
 
 SETTINGS = GuardrailSettings(window=100, min_sample=10, max_answer_change=0.2,
                              max_error_increase=0.1, max_latency_ratio=1.5)

@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session
 
 from dynasorctl.calibration.store_source import load_runs
 from dynasorctl.commands.labels import parse_line
-from proxy.recorder import Record, write_records
 from proxy.store import db
 from proxy.store.models import LabelRow
+from proxy.store.recorder import Record, write_records
 from tests.cli import invoke
 
 H1, H2, H3 = "1" * 64, "2" * 64, "3" * 64

@@ -12,9 +12,9 @@ from sqlalchemy import Engine, delete, func, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from proxy.recorder import Record, write_records
 from proxy.store import db
 from proxy.store.models import Base, LabelRow, PolicyRow, ProbeRow, RequestRow, SampleRow
+from proxy.store.recorder import Record, write_records
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.orm import Session
 
-from proxy.recorder import Record, write_records
 from proxy.store import db
 from proxy.store.models import ProbeRow, RequestRow
+from proxy.store.recorder import Record, write_records
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 NEW = {"ix_requests_model_created_at", "ix_requests_mode_created_at",

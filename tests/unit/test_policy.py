@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from proxy.policy import (
+from proxy.core.policy import (
     FEATURES,
     PAPER_DEFAULT,
     CotPolicy,

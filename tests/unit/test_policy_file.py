@@ -8,7 +8,7 @@ import pytest
 
 from dynasorctl.calibration.policyfile import dump_policy_file, read_policy_file
 from dynasorctl.errors import UserError
-from proxy.policy import (
+from proxy.core.policy import (
     FEATURES,
     CotPolicy,
     PolicyFile,

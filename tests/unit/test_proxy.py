@@ -10,10 +10,10 @@ import httpx
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from proxy.app import create_app
-from proxy.recorder import Record
+from proxy.pipeline.app import create_app
 from proxy.settings import Settings
-from proxy.upstream import UpstreamError
+from proxy.store.recorder import Record
+from proxy.upstream.base import UpstreamError
 from tests.fakes import JSON, SSE, Call, FakeResponse, ScriptedUpstream, chat_stream, probe_reply
 
 

@@ -21,8 +21,8 @@ from dynasorctl.errors import UserError
 from dynasorctl.recordings import HESITATION_TAIL, split_pieces, token_position
 from dynasorctl.replay import ReplayApp, create_replay_app, serve_replay
 from dynasorctl.traces import CotTrace, ScProgram
-from proxy.certaindex import DEFAULT_PROBE_SUFFIX, is_hesitant, probe_answer
-from proxy.policy import ProbeObservation
+from proxy.core.certaindex import DEFAULT_PROBE_SUFFIX, is_hesitant, probe_answer
+from proxy.core.policy import ProbeObservation
 
 DATA = Path(traces.__file__).parent / "data"
 

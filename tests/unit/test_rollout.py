@@ -15,12 +15,12 @@ from sqlalchemy.orm import Session
 
 from dynasorctl.calibration.policyfile import dump_policy_file
 from dynasorctl.calibration.store_source import save_policy
-from proxy import rollout
-from proxy.policy import CotPolicy, PolicyFile, ScPolicy, parse_policy_file
-from proxy.recorder import write_records
-from proxy.rollout import RolloutError, RolloutState, ScopeState, resolve
+from proxy.control import rollout
+from proxy.control.rollout import RolloutError, RolloutState, ScopeState, resolve
+from proxy.core.policy import CotPolicy, PolicyFile, ScPolicy, parse_policy_file
 from proxy.store import db
 from proxy.store.models import PolicyRow, RequestRow, RolloutAuditRow, RolloutScopeRow
+from proxy.store.recorder import write_records
 from tests.unit.test_store import _record
 
 WHO = "alice"

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from dynasorctl.commands.rollout import register
 from dynasorctl.errors import UserError
-from proxy import rollout
+from proxy.control import rollout
 from proxy.store import db
 from tests.unit.test_rollout import add_policy, snapshot
 

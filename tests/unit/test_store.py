@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from proxy.recorder import Record, write_records
 from proxy.store import db
 from proxy.store.models import ProbeRow, RequestRow, SampleRow
+from proxy.store.recorder import Record, write_records
 
 
 def _record(rid: str) -> Record:

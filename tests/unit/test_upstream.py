@@ -9,7 +9,8 @@ import socket
 import pytest
 import uvicorn
 
-from proxy.upstream import HttpUpstream, UpstreamError
+from proxy.upstream.base import UpstreamError
+from proxy.upstream.http import HttpUpstream
 
 
 async def echo(scope, receive, send):

@@ -27,15 +27,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.assemble import streaming_body
-from proxy.certaindex import entropy_certaindex, group_sizes, majority
-from proxy.dialect import assistant_prefix
-from proxy.equivalence import AsyncEquivalence
-from proxy.observe import Outcome, ResponseObserver
-from proxy.policy import ScPolicy, decide_sc
-from proxy.probe import Prober, ProbeResult
-from proxy.record import final_answer
-from proxy.upstream import Headers, Upstream, UpstreamError
+from proxy.core.certaindex import entropy_certaindex, group_sizes, majority
+from proxy.core.policy import ScPolicy, decide_sc
+from proxy.pipeline.assemble import streaming_body
+from proxy.pipeline.dialect import assistant_prefix
+from proxy.pipeline.equivalence import AsyncEquivalence
+from proxy.pipeline.observe import Outcome, ResponseObserver
+from proxy.pipeline.probe import Prober, ProbeResult
+from proxy.pipeline.record import final_answer
+from proxy.upstream.base import Headers, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from proxy import rollout
-from proxy.app import ProxyApp
-from proxy.exchange import JSON_HEADERS, Receive, Scope, Send, read_body
-from proxy.sse import error_body
+from proxy.control import rollout
+from proxy.pipeline.app import ProxyApp
+from proxy.pipeline.exchange import JSON_HEADERS, Receive, Scope, Send, read_body
+from proxy.pipeline.sse import error_body
 
 
 class _Body(BaseModel):

@@ -7,14 +7,14 @@ import json
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from proxy.certaindex import extract_boxed
-from proxy.enforce import StopInfo
-from proxy.observe import ChoiceText, Outcome
-from proxy.programs import FinishedSample
-from proxy.recorder import Record
+from proxy.core.certaindex import extract_boxed
+from proxy.core.policy import StopInfo
+from proxy.pipeline.observe import ChoiceText, Outcome
+from proxy.pipeline.programs import FinishedSample
+from proxy.store.recorder import Record
 
 if TYPE_CHECKING:
-    from proxy.app import Exchange, ProxyApp
+    from proxy.pipeline.app import Exchange, ProxyApp
 
 
 def _sha(text: str) -> str:

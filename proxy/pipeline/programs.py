@@ -14,10 +14,10 @@ import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from proxy.certaindex import entropy_certaindex, group_sizes
-from proxy.equivalence import AsyncEquivalence
+from proxy.core.certaindex import entropy_certaindex, group_sizes
+from proxy.core.policy import ScPolicy, decide_sc
 from proxy.metrics import Metrics
-from proxy.policy import ScPolicy, decide_sc
+from proxy.pipeline.equivalence import AsyncEquivalence
 
 PROGRAM_HEADER = b"x-dynasor-program"
 

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 
-from proxy.certaindex import normalize_answer
+from proxy.core.certaindex import normalize_answer
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Rollout control inside the proxy: which treatment each request gets, kept current.
 
-The rollout state lives in the store (`proxy.rollout`); every `poll_s` the
+The rollout state lives in the store (`proxy.control.rollout`); every `poll_s` the
 proxy reloads it in a worker thread, so a change made by `dynasorctl rollout`
 (or the admin API, or another proxy's guardrail) reaches every proxy process on
 that store within a second. With no rollout state in the store, the proxy's own
@@ -17,11 +17,9 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from proxy import rollout
-from proxy.enforce import Mode, choose
-from proxy.guardrails import Guardrails
-from proxy.metrics import Metrics
-from proxy.policy import (
+from proxy.control import rollout
+from proxy.control.guardrails import Guardrails
+from proxy.core.policy import (
     CotPolicy,
     PolicyFile,
     PolicyFileError,
@@ -30,6 +28,8 @@ from proxy.policy import (
     parse_policy_file,
     select_policy,
 )
+from proxy.core.treatment import Mode, choose
+from proxy.metrics import Metrics
 from proxy.settings import Settings
 
 if TYPE_CHECKING:

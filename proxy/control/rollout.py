@@ -27,7 +27,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Row, Select, func, insert, select, update
 
-from proxy.policy import PolicyFileError, parse_policy_file
+from proxy.core.policy import PolicyFileError, parse_policy_file
 from proxy.store.models import PolicyRow, RolloutAuditRow, RolloutScopeRow
 
 MODES = ("off", "observe", "shadow", "enforce")

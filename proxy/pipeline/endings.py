@@ -13,9 +13,11 @@ import logging
 import time
 from typing import Any
 
-from proxy.assemble import SampleStream, Usage, choice_body, completion
-from proxy.enforce import StopInfo, answer_text, stop_extension, tail_chunks, verdict_extension
-from proxy.exchange import (
+from proxy.core.policy import StopInfo
+from proxy.metrics import Metrics
+from proxy.pipeline.assemble import SampleStream, Usage, choice_body, completion
+from proxy.pipeline.enforce import answer_text, stop_extension, tail_chunks, verdict_extension
+from proxy.pipeline.exchange import (
     ENFORCED,
     JSON_HEADERS,
     Exchange,
@@ -25,14 +27,13 @@ from proxy.exchange import (
     wants_usage,
     written_headers,
 )
-from proxy.metrics import Metrics
-from proxy.observe import ChoiceText
-from proxy.programs import Programs, Verdict
-from proxy.record import decision_of
-from proxy.samples import ProgramResult, Sample, program_extension
+from proxy.pipeline.observe import ChoiceText
+from proxy.pipeline.programs import Programs, Verdict
+from proxy.pipeline.record import decision_of
+from proxy.pipeline.samples import ProgramResult, Sample, program_extension
+from proxy.pipeline.sse import error_body, error_frame
 from proxy.settings import Settings
-from proxy.sse import error_body, error_frame
-from proxy.upstream import Headers, Upstream, UpstreamError, forwardable
+from proxy.upstream.base import Headers, Upstream, UpstreamError, forwardable
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class Endings:
 
     async def program(self, send: Send, ex: Exchange, result: ProgramResult, stream: SampleStream | None,
                       started: bool) -> None:
-        """The response of a request of several samples, once they are done (see proxy.samples)."""
+        """The response of a request of several samples, once they are done (see proxy.pipeline.samples)."""
         enforcing = ex.mode == "enforce"
         if result.failed is not None:
             await self.program_failed(send, ex, result.failed, started)

@@ -8,14 +8,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from proxy.enforce import Mode, StopInfo
-from proxy.upstream import Headers, forwardable
+from proxy.core.policy import StopInfo
+from proxy.core.treatment import Mode
+from proxy.upstream.base import Headers, forwardable
 
 if TYPE_CHECKING:
-    from proxy.control import Plan
-    from proxy.observe import ResponseObserver
-    from proxy.probe import ProbeSession
-    from proxy.samples import ProgramResult
+    from proxy.control.plan import Plan
+    from proxy.pipeline.observe import ResponseObserver
+    from proxy.pipeline.probe import ProbeSession
+    from proxy.pipeline.samples import ProgramResult
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

@@ -5,7 +5,7 @@ streams in shadow) the client gets the upstream's status, headers (hop-by-hop
 aside) and body bytes exactly; probing and recording happen beside the relay,
 never in its way. Where a policy must watch or end a generation (shadow and
 enforce: non-streamed requests, samples of self-consistency programs, stopped
-streams) the proxy writes those responses itself (`proxy.endings`).
+streams) the proxy writes those responses itself (`proxy.pipeline.endings`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from proxy.assemble import SampleStream, streaming_body
-from proxy.control import Control
-from proxy.endings import Endings
-from proxy.enforce import OPT_HEADER, Mode
-from proxy.equivalence import AsyncEquivalence
-from proxy.exchange import (
+from proxy.control.plan import Control
+from proxy.core.policy import ScPolicy
+from proxy.core.treatment import OPT_HEADER, Mode
+from proxy.metrics import Metrics
+from proxy.pipeline.assemble import SampleStream, streaming_body
+from proxy.pipeline.endings import Endings
+from proxy.pipeline.equivalence import AsyncEquivalence
+from proxy.pipeline.exchange import (
     ENFORCED,
     JSON_HEADERS,
     Departure,
@@ -42,17 +44,16 @@ from proxy.exchange import (
     respond,
     written_headers,
 )
-from proxy.metrics import Metrics
-from proxy.observe import ResponseObserver
-from proxy.policy import ScPolicy
-from proxy.probe import Prober
-from proxy.programs import PROGRAM_HEADER, Programs
-from proxy.record import build_record, decision_of
-from proxy.recorder import Record, Recorder, write_records
-from proxy.samples import ProgramRun, Sample, program_outcome
+from proxy.pipeline.observe import ResponseObserver
+from proxy.pipeline.probe import Prober
+from proxy.pipeline.programs import PROGRAM_HEADER, Programs
+from proxy.pipeline.record import build_record, decision_of
+from proxy.pipeline.samples import ProgramRun, Sample, program_outcome
+from proxy.pipeline.sse import error_body, error_frame
 from proxy.settings import Settings
-from proxy.sse import error_body, error_frame
-from proxy.upstream import Headers, HttpUpstream, Upstream, UpstreamError, forwardable
+from proxy.store.recorder import Record, Recorder, write_records
+from proxy.upstream.base import Headers, Upstream, UpstreamError, forwardable
+from proxy.upstream.http import HttpUpstream
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +320,7 @@ class ProxyApp:
 
     async def _program(self, scope: Scope, receive: Receive, send: Send, ex: Exchange,
                        policy: ScPolicy) -> None:
-        """A request of several samples under a self-consistency policy (see proxy.samples)."""
+        """A request of several samples under a self-consistency policy (see proxy.pipeline.samples)."""
         assert ex.body is not None
         enforcing = ex.mode == "enforce"
         headers: Headers = scope["headers"]

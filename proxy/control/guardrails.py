@@ -15,7 +15,7 @@ from statistics import median
 
 from pydantic import BaseModel, Field
 
-from proxy.certaindex import normalize_answer
+from proxy.core.certaindex import normalize_answer
 
 
 class GuardrailSettings(BaseModel):

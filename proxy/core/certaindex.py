@@ -81,7 +81,7 @@ def normalize_answer(answer: str | None) -> str | None:
 
     Exact-looking differences (spacing, `\\dfrac` vs `\\frac`, `\\left(`, a
     trailing period, `^\\circ`, a `\\text{}` wrapper) are folded; anything deeper
-    needs the math-aware checker in `proxy.equivalence`.
+    needs the math-aware checker in `proxy.pipeline.equivalence`.
     """
     if answer is None:
         return None

@@ -1,62 +1,17 @@
-"""Treatment of a request (observe, shadow, enforce) and the end of a stopped stream.
+"""The end of a stopped stream, and the `dynasor` field that says what happened.
 
-Who is enforced is decided by a stable hash of the program (or the request), so
-every sample of one program gets the same treatment and the same programs are
-enforced every time at a given percentage. A stopped stream is completed by the
-proxy in the upstream's own chunk format: the reasoning is closed if it was
-open, the final answer written, `finish_reason` is `stop`, and an extension
-field `dynasor` says what happened.
+A stopped stream is completed by the proxy in the upstream's own chunk format:
+the reasoning is closed if it was open, the final answer written,
+`finish_reason` is `stop`, and an extension field `dynasor` says what happened.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from proxy.policy import CotPolicy
-
-Mode = Literal["off", "observe", "shadow", "enforce"]
-OPT_HEADER = b"x-dynasor"
-
-
-@dataclass(frozen=True, slots=True)
-class Treatment:
-    mode: Mode
-    policy: CotPolicy | None = None
-    policy_name: str | None = None
-
-
-def in_rollout(key: str, percent: float) -> bool:
-    """Whether `key` falls in the first `percent` of a stable hash space (sticky per key)."""
-    if percent >= 100:
-        return True
-    if percent <= 0:
-        return False
-    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
-    return bucket * 100 < percent
-
-
-def choose(mode: Mode, percent: float, key: str, opt: str | None, allow_opt_in: bool) -> Mode:
-    """The mode for one request: the opt-out header always wins; enforce covers `percent`."""
-    if opt == "off":
-        return "off"
-    if mode != "enforce":
-        return mode
-    if opt == "enforce" and allow_opt_in:
-        return "enforce"
-    return "enforce" if in_rollout(key, percent) else "shadow"
-
-
-@dataclass(slots=True)
-class StopInfo:
-    """What a policy decided for one request: where, with which answer."""
-
-    position: int
-    answer: str | None
-    reason: str
+from proxy.core.policy import StopInfo
 
 
 def answer_text(answer: str | None, template: str, generated: str) -> str:

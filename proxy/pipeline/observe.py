@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 
-from proxy.dialect import REASONING_FIELDS, error_message, reasoning_of
-from proxy.sse import SseReader
+from proxy.pipeline.dialect import REASONING_FIELDS, error_message, reasoning_of
+from proxy.pipeline.sse import SseReader
 
 
 @dataclass(slots=True)

@@ -18,22 +18,27 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.certaindex import close_brace, is_hesitant, probe_answer, probe_certaindex
-from proxy.dialect import assistant_prefix, chat_probe_body, completion_probe_body, reasoning_of
-from proxy.enforce import StopInfo
-from proxy.metrics import Metrics
-from proxy.observe import ChoiceText
-from proxy.policy import (
+from proxy.core.certaindex import close_brace, is_hesitant, probe_answer, probe_certaindex
+from proxy.core.policy import (
     CotPolicy,
     ProbeObservation,
+    StopInfo,
     TextSignals,
     decide_cot,
     probe_due,
     text_signals,
 )
+from proxy.metrics import Metrics
+from proxy.pipeline.dialect import (
+    assistant_prefix,
+    chat_probe_body,
+    completion_probe_body,
+    reasoning_of,
+)
+from proxy.pipeline.observe import ChoiceText
+from proxy.pipeline.sse import SseReader
 from proxy.settings import Settings
-from proxy.sse import SseReader
-from proxy.upstream import Headers, Upstream, UpstreamError
+from proxy.upstream.base import Headers, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
 

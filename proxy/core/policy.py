@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from proxy.certaindex import (
+from proxy.core.certaindex import (
     entropy_certaindex,
     group_by_normalized,
     group_sizes,
@@ -101,6 +101,16 @@ class Decision:
     stop: bool
     answer: str | None = None
     reason: str = ""
+
+
+@dataclass(slots=True)
+class StopInfo:
+    """What a policy decided for one request: where, with which answer."""
+
+    position: int
+    answer: str | None
+    reason: str
+
 
 
 # --- chain-of-thought policies ---------------------------------------------------------------

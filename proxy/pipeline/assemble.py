@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.observe import ChoiceText
-from proxy.sse import SseReader
+from proxy.pipeline.observe import ChoiceText
+from proxy.pipeline.sse import SseReader
 
 
 def streaming_body(body: dict[str, Any]) -> dict[str, Any]:
