@@ -1,3 +1,5 @@
 from dynasorctl.cli import main
 
-main()
+# Guarded: engine processes started by spawning re-import the main module (`serve`).
+if __name__ == "__main__":
+    main()

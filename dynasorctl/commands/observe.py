@@ -12,7 +12,18 @@ import typer
 from pydantic import ValidationError
 
 from dynasorctl.errors import UserError, err_console
-from dynasorctl.options import DbOption, store
+from dynasorctl.options import (
+    ConfigOption,
+    DbOption,
+    EnforcePercentOption,
+    HostOption,
+    ModeOption,
+    PolicyOption,
+    PortOption,
+    ProbeRateOption,
+    StoreTextOption,
+    store,
+)
 from proxy.settings import Settings
 
 
@@ -53,61 +64,65 @@ def _config(app: Any, host: str, port: int, lifespan: str = "on") -> Any:
                           server_header=False, date_header=False)
 
 
-def serve(app: Any, host: str, port: int, admin: Any = None, admin_port: int = 0) -> None:
+async def serving(app: Any, host: str, port: int, admin: Any = None, admin_port: int = 0) -> None:
     """Serve the proxy (and the admin API on loopback) until SIGINT/SIGTERM; shutdown flushes."""
     import asyncio
 
     import uvicorn
-    import uvloop
 
     main = uvicorn.Server(_config(app, host, port))
     if admin is None:
-        main.run()
+        await main.serve()
         return
     # The admin API shares the proxy's lifespan: it stops when the proxy stops.
     side = uvicorn.Server(_config(admin, "127.0.0.1", admin_port, lifespan="off"))
+    side_task = asyncio.create_task(side.serve())
+    await main.serve()
+    side.should_exit = True
+    await side_task
 
-    async def both() -> None:
-        side_task = asyncio.create_task(side.serve())
-        await main.serve()
-        side.should_exit = True
-        await side_task
 
-    uvloop.run(both())
+def serve(app: Any, host: str, port: int, admin: Any = None, admin_port: int = 0) -> None:
+    import uvloop
+
+    uvloop.run(serving(app, host, port, admin, admin_port))
+
+
+def check_listen(settings: Settings) -> None:
+    """The store opens and the ports are free: checked now, with clear messages, not in the server."""
+    store(settings.db_url)
+    check_port_free(settings.host, settings.port)
+    if settings.admin_token:
+        check_port_free("127.0.0.1", settings.admin_port)
+
+
+def admin_app(app: Any, settings: Settings) -> Any:
+    """The admin API of `app`, when an admin token is set."""
+    if not settings.admin_token:
+        return None
+    from proxy.control.admin import AdminApp
+
+    err_console.print(f"admin API on http://127.0.0.1:{settings.admin_port} (token required)")
+    return AdminApp(app, settings.admin_token)
 
 
 def observe(
     upstream: Annotated[str | None, typer.Option(help="Base URL of the vLLM or SGLang server.")] = None,
-    host: Annotated[str | None, typer.Option(help="Address to listen on [default: 127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to listen on [default: 8080].")] = None,
+    host: HostOption = None,
+    port: PortOption = None,
     db: DbOption = None,
-    probe_rate: Annotated[
-        float | None, typer.Option(help="Share of requests probed, 0 to 1 (0 turns probing off) [default: 1].")
-    ] = None,
-    store_text: Annotated[
-        bool | None, typer.Option("--store-text/--no-store-text", help="Keep prompt and completion text, not only hashes.")
-    ] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="TOML file of settings (keys as in the README's table).")
-    ] = None,
-    mode: Annotated[
-        str | None, typer.Option(help="observe | shadow | enforce [default: observe].")
-    ] = None,
-    policy: Annotated[
-        Path | None, typer.Option(help="Policy file (from `dynasorctl calibrate --out`) for shadow and enforce.")
-    ] = None,
-    enforce_percent: Annotated[
-        float | None, typer.Option(help="Share of programs enforced in enforce mode, 0-100 [default: 100].")
-    ] = None,
+    probe_rate: ProbeRateOption = None,
+    store_text: StoreTextOption = None,
+    config: ConfigOption = None,
+    mode: ModeOption = None,
+    policy: PolicyOption = None,
+    enforce_percent: EnforcePercentOption = None,
 ) -> None:
     """Run the proxy: relay every request, probe and record out of band; shadow or enforce a policy."""
     settings = load_settings(config, upstream_url=upstream, host=host, port=port, db_url=db,
                              probe_rate=probe_rate, store_text=store_text, mode=mode,
                              policy_file=str(policy) if policy else None, enforce_percent=enforce_percent)
-    store(settings.db_url)  # fail now, with a clear message, not inside the server
-    check_port_free(settings.host, settings.port)
-    if settings.admin_token:
-        check_port_free("127.0.0.1", settings.admin_port)
+    check_listen(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from proxy.core.policy import PolicyFileError
     from proxy.pipeline.app import create_app
@@ -123,13 +138,7 @@ def observe(
         + (f"; policy {settings.policy_file}" if settings.policy_file else "")
         + (f", {settings.enforce_percent:g}% enforced" if settings.mode == "enforce" else "") + ")"
     )
-    admin = None
-    if settings.admin_token:
-        from proxy.control.admin import AdminApp
-
-        admin = AdminApp(app, settings.admin_token)
-        err_console.print(f"admin API on http://127.0.0.1:{settings.admin_port} (token required)")
-    serve(app, settings.host, settings.port, admin, settings.admin_port)
+    serve(app, settings.host, settings.port, admin_app(app, settings), settings.admin_port)
 
 
 def register(app: typer.Typer) -> None:

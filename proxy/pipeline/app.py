@@ -38,6 +38,7 @@ from proxy.pipeline.exchange import (
     Send,
     assemblable,
     header,
+    job_headers,
     json_object,
     probe_headers,
     read_body,
@@ -46,13 +47,13 @@ from proxy.pipeline.exchange import (
 )
 from proxy.pipeline.observe import ResponseObserver
 from proxy.pipeline.probe import Prober
-from proxy.pipeline.programs import PROGRAM_HEADER, Programs
+from proxy.pipeline.programs import Programs
 from proxy.pipeline.record import build_record, decision_of
 from proxy.pipeline.samples import ProgramRun, Sample, program_outcome
 from proxy.pipeline.sse import error_body, error_frame
 from proxy.settings import Settings
 from proxy.store.recorder import Record, Recorder, write_records
-from proxy.upstream.base import Headers, Upstream, UpstreamError, forwardable
+from proxy.upstream.base import PROGRAM_HEADER, Headers, Upstream, UpstreamError, forwardable
 from proxy.upstream.http import HttpUpstream
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,8 @@ class ProxyApp:
         if path == "/health" and method == "GET":
             await respond(send, 200, json.dumps(self.health()).encode(), JSON_HEADERS)
         elif path == "/metrics" and method == "GET":
-            text = self.metrics.render(lambda: self.recorder.pending if self.recorder else 0)
-            await respond(send, 200, text.encode(), [(b"content-type", b"text/plain; version=0.0.4")])
+            await respond(send, 200, self.metrics_text().encode(),
+                          [(b"content-type", b"text/plain; version=0.0.4")])
         elif path in OBSERVED and method == "POST":
             await self._observed(scope, receive, send, OBSERVED[path])
         else:
@@ -146,6 +147,10 @@ class ProxyApp:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def metrics_text(self) -> str:
+        """What GET /metrics answers (Prometheus text format)."""
+        return self.metrics.render(lambda: self.recorder.pending if self.recorder else 0)
 
     def health(self) -> dict[str, Any]:
         rec = self.recorder
@@ -211,7 +216,7 @@ class ProxyApp:
                 return
             ex.assembled = not stream and n == 1 and assemblable(body, ex.mode)
             if (stream or ex.assembled) and n == 1 and self._should_probe(kind, body, ex.mode):
-                ex.probes = self.prober.session(kind, body, probe_headers(headers), ex.plan.policy,
+                ex.probes = self.prober.session(kind, body, probe_headers(headers, ex.program_key), ex.plan.policy,
                                                 enforcing=ex.mode == "enforce")
             ex.assembled = ex.assembled and (ex.probes is not None or ex.member)
             if ex.mode != "observe" and ex.probes is None and not ex.member:
@@ -256,7 +261,8 @@ class ProxyApp:
         self.metrics.active_streams += 1
         try:
             try:
-                resp = await self.upstream.send(scope["method"], path, scope["headers"], raw)
+                headers = scope["headers"] if ex.body is None else job_headers(scope["headers"], ex.program_key, ex.job_kind)
+                resp = await self.upstream.send(scope["method"], path, headers, raw)
             except UpstreamError as exc:
                 self.metrics.upstream_errors[exc.kind] += 1
                 ex.status, ex.error = exc.status, str(exc)
@@ -325,7 +331,8 @@ class ProxyApp:
         enforcing = ex.mode == "enforce"
         headers: Headers = scope["headers"]
         run = ProgramRun(self.upstream, self.prober, self.equivalence, ex.kind, scope["path"], ex.body,
-                         headers, probe_headers(headers), policy, enforcing,
+                         job_headers(headers, ex.program_key, "sample"),
+                         probe_headers(headers, ex.program_key), policy, enforcing,
                          self.settings.sc_parallel or policy.min_samples)
         stream = SampleStream() if ex.body.get("stream") else None
         started = False

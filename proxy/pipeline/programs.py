@@ -19,8 +19,6 @@ from proxy.core.policy import ScPolicy, decide_sc
 from proxy.metrics import Metrics
 from proxy.pipeline.equivalence import AsyncEquivalence
 
-PROGRAM_HEADER = b"x-dynasor-program"
-
 
 @dataclass(slots=True)
 class FinishedSample:

@@ -1,0 +1,149 @@
+"""`serve`: the proxy's pipeline and control plane over dynasor's own in-process engine.
+
+`ServeApp` is the proxy app (routes, observation, probes, store, policies,
+rollout, guardrails, admin API, metrics) whose upstream is the in-process
+engine (`proxy.upstream.engine`, which needs vLLM). What only `serve` adds:
+
+- the scheduler's queue and the engine's own batch on /health and /metrics;
+- the kill switch reaches the scheduler: while the rollout in the store puts
+  every scope in observe or off (where `dynasorctl rollout kill` leaves them),
+  requests are admitted first come, first served; once a scope is shadowed or
+  enforced again, the configured scheduler is back. Neither needs a restart:
+  the queue is handed over (`Admission.replace`).
+
+This module imports no vLLM: the engine is handed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from proxy.control.rollout import NEEDS_POLICY, RolloutState
+from proxy.pipeline.app import ProxyApp
+from proxy.scheduler.admission import Admission
+from proxy.scheduler.base import Fcfs, Scheduler
+from proxy.settings import Settings
+from proxy.store.recorder import Record
+from proxy.upstream.base import Upstream
+
+log = logging.getLogger(__name__)
+
+SchedulerFactory = Callable[[], Scheduler]
+
+# The schedulers `dynasorctl serve --scheduler NAME` knows by name; any other NAME is
+# `module:attribute`, a callable that returns a `proxy.scheduler.base.Scheduler`.
+SCHEDULERS: dict[str, SchedulerFactory] = {"fcfs": Fcfs}
+
+
+class SchedulerNameError(ValueError):
+    """A scheduler name that is neither known nor an importable `module:attribute`."""
+
+
+def load_scheduler(name: str) -> SchedulerFactory:
+    if name in SCHEDULERS:
+        return SCHEDULERS[name]
+    module, _, attribute = name.partition(":")
+    if not module or not attribute:
+        raise SchedulerNameError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)} "
+                                 "or module:attribute")
+    try:
+        factory = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise SchedulerNameError(f"cannot load scheduler {name!r}: {exc}") from exc
+    if not callable(factory):
+        raise SchedulerNameError(f"scheduler {name!r} is not callable")
+    return factory
+
+
+def scheduler_name(scheduler: Scheduler) -> str:
+    known = {factory: name for name, factory in SCHEDULERS.items()}
+    kind = type(scheduler)
+    return known.get(kind, f"{kind.__module__}:{kind.__qualname__}")
+
+
+def scheduling_allowed(state: RolloutState | None) -> bool:
+    """Whether the configured scheduler may run: not while the store's rollout stops dynasor
+    everywhere (every scope in observe or off, as a kill leaves it). With no rollout state,
+    the flags apply and it runs."""
+    if state is None or not state.scopes:
+        return True
+    return any(scope.mode in NEEDS_POLICY for scope in state.scopes.values())
+
+
+class ServedEngine(Protocol):
+    """What `ServeApp` needs of the engine (`proxy.upstream.engine.InProcessEngine`)."""
+
+    @property
+    def admission(self) -> Admission: ...
+
+    def upstream(self) -> Upstream: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def metrics_text(self) -> str: ...
+
+
+class ServeApp(ProxyApp):
+    def __init__(self, settings: Settings, engine: ServedEngine, scheduler: SchedulerFactory,
+                 write: Callable[[Sequence[Record]], None] | None = None) -> None:
+        super().__init__(settings, engine.upstream(), write)
+        self.engine = engine
+        self._scheduler = scheduler
+        self.fallback = False  # admitting FCFS because the rollout was killed
+        self._follow: asyncio.Task[None] | None = None
+
+    async def startup(self) -> None:
+        await super().startup()
+        self.follow_rollout()
+        self._follow = asyncio.create_task(self._follow_rollout(), name="dynasor-serve-scheduler")
+
+    async def shutdown(self) -> None:
+        if self._follow is not None:
+            self._follow.cancel()
+        await super().shutdown()
+
+    def follow_rollout(self) -> None:
+        """Put the admission on FCFS while the rollout is killed, on the scheduler otherwise."""
+        allowed = scheduling_allowed(self.control.state)
+        if allowed == (not self.fallback):
+            return
+        admission = self.engine.admission
+        admission.replace(self._scheduler() if allowed else Fcfs())
+        self.fallback = not allowed
+        log.warning("rollout %s: admitting with %s (%d queued)",
+                    "resumed" if allowed else "killed", scheduler_name(admission.scheduler),
+                    admission.queued)
+
+    async def _follow_rollout(self) -> None:
+        # The rollout state is reloaded by the control plane; reading it here is a dict lookup.
+        while True:
+            await asyncio.sleep(self.settings.rollout_poll_s)
+            self.follow_rollout()
+
+    def health(self) -> dict[str, Any]:
+        out = super().health()
+        admission = self.engine.admission
+        out["scheduler"] = {"name": scheduler_name(admission.scheduler), "fallback": self.fallback,
+                            "capacity": admission.capacity, "running": admission.running,
+                            "queued": admission.queued}
+        out["engine"] = engine = self.engine.status()
+        if engine.get("dead"):
+            out["status"] = "degraded"
+        return out
+
+    def metrics_text(self) -> str:
+        """Dynasor's metrics, the scheduler's gauges, then the engine's own (`vllm:` names)."""
+        admission = self.engine.admission
+        gauges = [
+            ("dynasor_scheduler_running", "Requests admitted into the engine.", admission.running),
+            ("dynasor_scheduler_queued", "Requests waiting for the scheduler.", admission.queued),
+            ("dynasor_scheduler_capacity", "Most requests in the engine at once.", admission.capacity),
+            ("dynasor_scheduler_fallback", "1 while the kill switch has serve on FCFS.", int(self.fallback)),
+        ]
+        lines = [line for name, help_, value in gauges
+                 for line in (f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value}")]
+        return super().metrics_text() + "\n".join(lines) + "\n" + self.engine.metrics_text()
