@@ -101,7 +101,15 @@ async def _run(settings: Any, engine_args: Any, scheduler: Any, capacity: int | 
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    errors = getattr(exc, "errors", None)  # pydantic (vLLM's configs): the first error's own words
+    if callable(errors):
+        try:
+            text = str(errors()[0]["msg"]).removeprefix("Value error, ")
+        except (TypeError, LookupError):
+            text = str(exc)
+    else:
+        text = str(exc)
+    text = text.strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 

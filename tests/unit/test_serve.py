@@ -20,7 +20,7 @@ from proxy.serve import SchedulerNameError, ServeApp, load_scheduler, scheduler_
 from proxy.settings import Settings
 from proxy.store.db import open_store
 from tests.fakes import JSON, SSE, Call, FakeResponse, ScriptedUpstream, chat_stream, probe_reply
-from tests.unit.test_admission import Lifo
+from tests.schedulers import Lifo
 
 POLICY = 'version = 1\nkind = "cot"\n\n[cot]\ninterval = 16\nwindow = 1\n'
 
@@ -56,10 +56,10 @@ def test_scheduling_is_allowed_unless_the_rollout_stops_dynasor_everywhere():
 
 def test_schedulers_by_name_or_import_path():
     assert load_scheduler("fcfs") is Fcfs
-    assert load_scheduler("tests.unit.test_admission:Lifo") is Lifo
+    assert load_scheduler("tests.schedulers:Lifo") is Lifo
     assert scheduler_name(Fcfs()) == "fcfs"
-    assert scheduler_name(Lifo()) == "tests.unit.test_admission:Lifo"
-    for bad in ("nope", "tests.unit.test_admission:Nope", "no.such.module:X", "tests.unit.test_serve:POLICY"):
+    assert scheduler_name(Lifo()) == "tests.schedulers:Lifo"
+    for bad in ("nope", "tests.schedulers:Nope", "no.such.module:X", "tests.unit.test_serve:POLICY"):
         with pytest.raises(SchedulerNameError):
             load_scheduler(bad)
 
