@@ -19,6 +19,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,6 +32,7 @@ from dynasorctl.calibration.store_source import save_policy
 from proxy.control import rollout
 from proxy.store.db import open_store
 from proxy.store.models import RequestRow
+from tests.schedulers import JOB_LOG
 
 try:  # a package module if tests/integration ever gets an __init__.py
     from .checks import STOP_AT_FIRST_PROBE, STORY
@@ -52,6 +54,13 @@ class Served:
     url: str
     proc: subprocess.Popen
     db: str
+    jobs: Path  # every job the test scheduler was given (tests.schedulers.JOB_LOG)
+
+    def jobs_of(self, request_id: str) -> list[dict[str, Any]]:
+        """The engine requests of one vLLM request id: itself, or its samples (`i_<id>`)."""
+        jobs = [json.loads(line) for line in self.jobs.read_text().splitlines()]
+        return [j for j in jobs if j["request_id"] == request_id
+                or j["request_id"].partition("_")[2] == request_id]
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +69,12 @@ def served(tmp_path_factory):
     config = tmp / "serve.toml"
     config.write_text("rollout_poll_s = 0.2\n")
     db = f"sqlite:///{tmp}/serve.db"
+    jobs = tmp / "jobs.jsonl"
+    jobs.touch()
     options = ("--capacity", "2", "--scheduler", "tests.schedulers:Lifo", "--probe-rate", "0",
                "--config", str(config))
-    with start_serve(db=db, options=options, env=SERVE_ENV) as (url, proc):
-        yield Served(url, proc, db)
+    with start_serve(db=db, options=options, env={**SERVE_ENV, JOB_LOG: str(jobs)}) as (url, proc):
+        yield Served(url, proc, db, jobs)
 
 
 async def health(http: httpx.AsyncClient, url: str) -> dict[str, Any]:
@@ -130,6 +141,8 @@ async def test_the_openai_client_gets_valid_responses(served):
                                                  temperature=0)
     assert whole.choices[0].message.content and whole.choices[0].finish_reason in ("stop", "length")
     assert 0 < whole.usage.completion_tokens <= 12 and whole.usage.prompt_tokens > 0
+    (job,) = served.jobs_of(whole.id)  # one engine request, a program of its own
+    assert job["kind"] == "cot" and job["max_tokens"] == 12 and job["program"] != whole.id
 
     text = await client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=SHORT,
                                            temperature=0)
@@ -148,6 +161,8 @@ async def test_the_openai_client_gets_valid_responses(served):
     assert sorted(c.index for c in samples.choices) == [0, 1, 2]
     assert all(c.message.content for c in samples.choices)
     assert samples.usage.completion_tokens <= 3 * SHORT
+    jobs = served.jobs_of(samples.id)  # each sample its own engine request, one program
+    assert len(jobs) == 3 and {j["kind"] for j in jobs} == {"sample"} and len({j["program"] for j in jobs}) == 1
 
     texts: dict[int, str] = defaultdict(str)
     finished: set[int] = set()
@@ -243,6 +258,10 @@ async def test_an_enforced_stop_aborts_the_engine_request_and_frees_its_slot(ser
         stop = next(e["dynasor"] for e in events if "dynasor" in e)
         assert stop["stopped"] and stop["stop_token"] == 16  # the policy stops at its first probe
         assert events[-1]["usage"]["completion_tokens"] < HOLD
+        (main,) = served.jobs_of(events[0]["id"])
+        jobs = [json.loads(line) for line in served.jobs.read_text().splitlines()]
+        assert main["kind"] == "cot"
+        assert any(j["kind"] == "probe" and j["program"] == main["program"] for j in jobs)
 
         async def empty() -> bool:
             h = await health(http, url)
