@@ -78,13 +78,18 @@ def served(tmp_path_factory):
 
 
 async def health(http: httpx.AsyncClient, url: str) -> dict[str, Any]:
-    return (await http.get(f"{url}/health")).json()
+    LAST_HEALTH.clear()
+    LAST_HEALTH.update((await http.get(f"{url}/health")).json())
+    return dict(LAST_HEALTH)
+
+
+LAST_HEALTH: dict[str, Any] = {}  # the last /health a test read, for failure messages
 
 
 async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not await check():
-        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
+        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}; last /health {LAST_HEALTH}"
         await asyncio.sleep(0.1)
 
 
@@ -93,13 +98,29 @@ def chat(max_tokens: int, stream: bool = True, **extra: Any) -> dict[str, Any]:
             "ignore_eos": True, "temperature": 0.7, **extra}
 
 
-async def open_stream(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> httpx.Response:
-    """A stream that has started generating (its first chunk is in); the caller closes it."""
+@dataclass
+class Stream:
+    """A stream that has started generating; it stays open until `close` (dropping `chunks`
+    would close it: an abandoned async iterator is closed when it is collected)."""
+
+    resp: httpx.Response
+    chunks: Any
+
+    async def next(self) -> bytes:
+        return await anext(self.chunks)
+
+    async def close(self) -> None:
+        await self.resp.aclose()
+
+
+async def open_stream(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Stream:
+    """A stream whose first chunk is in (so it is in the engine); the caller closes it."""
     resp = await http.send(http.build_request("POST", f"{url}/v1/chat/completions", json=body),
                            stream=True)
     assert resp.status_code == 200
-    await anext(resp.aiter_raw())
-    return resp
+    stream = Stream(resp, resp.aiter_raw())
+    await stream.next()
+    return stream
 
 
 async def admission_order(http: httpx.AsyncClient, url: str,
@@ -119,9 +140,9 @@ async def admission_order(http: httpx.AsyncClient, url: str,
         tasks.append(asyncio.create_task(short(name)))
         await until(lambda n=len(tasks): _queued(http, url, n), f"{name} queued")
     await before_release()
-    await holders[0].aclose()  # a slot frees: the scheduler picks who starts
+    await holders[0].close()  # a slot frees: the scheduler picks who starts
     await until(lambda: _started(started, 1), "one started")
-    await holders[1].aclose()
+    await holders[1].close()
     await asyncio.gather(*tasks)
     return sorted(started, key=started.__getitem__)
 
@@ -198,11 +219,10 @@ async def test_a_closed_stream_is_aborted_in_the_engine_and_frees_its_slot(serve
 
         first, second = [await open_stream(http, url, chat(HOLD)) for _ in range(2)]
         await until(lambda: load(2, 2), "both streams in the engine")
-        await first.aclose()  # the client goes away
+        await first.close()  # the client goes away
         await until(lambda: load(1, 1), "the closed stream left the engine")
-        more = second.aiter_raw()
-        assert await anext(more)  # the other one still streams
-        await second.aclose()
+        assert await second.next()  # the other one still streams
+        await second.close()
         await until(lambda: load(0, 0), "the engine is empty")
         metrics = (await http.get(f"{url}/metrics")).text
     running = [line for line in metrics.splitlines() if line.startswith("vllm:num_requests_running")]
