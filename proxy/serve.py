@@ -4,6 +4,8 @@
 rollout, guardrails, admin API, metrics) whose upstream is the in-process
 engine (`proxy.upstream.engine`, which needs vLLM). What only `serve` adds:
 
+- what the pipeline learns about each program (each probe's or sample's certaindex, a
+  program done or stopped) reaches the scheduler through the admission;
 - the scheduler's queue and the engine's own batch on /health and /metrics;
 - the kill switch reaches the scheduler: while the rollout in the store puts
   every scope in observe or off (where `dynasorctl rollout kill` leaves them),
@@ -90,7 +92,7 @@ class ServedEngine(Protocol):
 class ServeApp(ProxyApp):
     def __init__(self, settings: Settings, engine: ServedEngine, scheduler: SchedulerFactory,
                  write: Callable[[Sequence[Record]], None] | None = None) -> None:
-        super().__init__(settings, engine.upstream(), write)
+        super().__init__(settings, engine.upstream(), write, engine.admission)
         self.engine = engine
         self._scheduler = scheduler
         self.fallback = False  # admitting FCFS because the rollout was killed

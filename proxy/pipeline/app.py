@@ -47,7 +47,7 @@ from proxy.pipeline.exchange import (
 )
 from proxy.pipeline.observe import ResponseObserver
 from proxy.pipeline.probe import Prober
-from proxy.pipeline.programs import Programs
+from proxy.pipeline.programs import NO_SIGNALS, Programs, ProgramSignals
 from proxy.pipeline.record import build_record, decision_of
 from proxy.pipeline.samples import ProgramRun, Sample, program_outcome
 from proxy.pipeline.sse import error_body, error_frame
@@ -67,8 +67,10 @@ class ProxyApp:
         settings: Settings,
         upstream: Upstream | None = None,
         write: Callable[[Sequence[Record]], None] | None = None,
+        signals: ProgramSignals = NO_SIGNALS,
     ) -> None:
         self.settings = settings
+        self.signals = signals
         self.metrics = Metrics()
         self.upstream: Upstream = upstream or HttpUpstream(
             settings.upstream_url,
@@ -78,9 +80,9 @@ class ProxyApp:
         )
         self._write = write
         self.recorder: Recorder | None = None
-        self.prober = Prober(self.upstream, settings, self.metrics)
+        self.prober = Prober(self.upstream, settings, self.metrics, signals)
         self.equivalence = AsyncEquivalence()
-        self.programs = Programs(self.equivalence, self.metrics)
+        self.programs = Programs(self.equivalence, self.metrics, signals=signals)
         self._finalizing: set[asyncio.Task[None]] = set()
         self.control = Control(settings, self.metrics)
         self.endings = Endings(settings, self.metrics, self.upstream, self.programs)
@@ -202,6 +204,7 @@ class ProxyApp:
             if ex.mode == "off":  # the client opted out: a plain relay, not recorded
                 await self._relay(scope, receive, send, raw, ex)
                 self._count(scope["path"], ex)
+                self._ended(ex)
                 return
             watched = ex.mode in ("shadow", "enforce") and self._should_probe(kind, body, ex.mode)
             if n > 1 and ex.plan.sc is not None and watched and assemblable(body, ex.mode):
@@ -217,7 +220,7 @@ class ProxyApp:
             ex.assembled = not stream and n == 1 and assemblable(body, ex.mode)
             if (stream or ex.assembled) and n == 1 and self._should_probe(kind, body, ex.mode):
                 ex.probes = self.prober.session(kind, body, probe_headers(headers, ex.program_key), ex.plan.policy,
-                                                enforcing=ex.mode == "enforce")
+                                                enforcing=ex.mode == "enforce", program=ex.program_key)
             ex.assembled = ex.assembled and (ex.probes is not None or ex.member)
             if ex.mode != "observe" and ex.probes is None and not ex.member:
                 # Nothing here the policy can watch (tools, logprobs, no prompt): say so.
@@ -236,10 +239,17 @@ class ProxyApp:
     def _after(self, scope: Scope, ex: Exchange) -> None:
         """Count the request and record it, off the request path."""
         self._count(scope["path"], ex)
+        self._ended(ex)
         if ex.body is not None and self.recorder is not None:
             task = asyncio.create_task(self._finalize(ex))
             self._finalizing.add(task)
             task.add_done_callback(self._finalizing.discard)
+
+    def _ended(self, ex: Exchange) -> None:
+        """A request that was a program of its own (alone, or n > 1 untagged) needs nothing more;
+        a tagged program may send more requests: it is done once its policy stops it."""
+        if ex.program_id is None or ex.program_id == ex.request_id:
+            self.signals.program_done(ex.program_key)
 
     async def _passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = await read_body(receive)
@@ -333,7 +343,7 @@ class ProxyApp:
         run = ProgramRun(self.upstream, self.prober, self.equivalence, ex.kind, scope["path"], ex.body,
                          job_headers(headers, ex.program_key, "sample"),
                          probe_headers(headers, ex.program_key), policy, enforcing,
-                         self.settings.sc_parallel or policy.min_samples)
+                         self.settings.sc_parallel or policy.min_samples, ex.program_key)
         stream = SampleStream() if ex.body.get("stream") else None
         started = False
 

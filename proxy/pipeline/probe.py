@@ -36,6 +36,7 @@ from proxy.pipeline.dialect import (
     reasoning_of,
 )
 from proxy.pipeline.observe import ChoiceText
+from proxy.pipeline.programs import NO_SIGNALS, ProgramSignals
 from proxy.pipeline.sse import SseReader
 from proxy.settings import Settings
 from proxy.upstream.base import Headers, Upstream, UpstreamError
@@ -62,10 +63,12 @@ class ProbeResult:
 class Prober:
     """Sends probes for every request, under one concurrency bound."""
 
-    def __init__(self, upstream: Upstream, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, upstream: Upstream, settings: Settings, metrics: Metrics,
+                 signals: ProgramSignals = NO_SIGNALS) -> None:
         self._upstream = upstream
         self._settings = settings
         self._metrics = metrics
+        self.signals = signals
         self._slots = asyncio.Semaphore(settings.probe_concurrency)
         self.sampling = {
             "max_tokens": settings.probe_max_tokens,
@@ -74,8 +77,10 @@ class Prober:
         }
 
     def session(self, kind: str, request: dict[str, Any], headers: Headers,
-                policy: CotPolicy | None = None, enforcing: bool = False) -> ProbeSession:
-        return ProbeSession(self, kind, request, headers, policy, enforcing)
+                policy: CotPolicy | None = None, enforcing: bool = False,
+                program: str | None = None) -> ProbeSession:
+        """`program`: the program the probed request belongs to, told each probe's certaindex."""
+        return ProbeSession(self, kind, request, headers, policy, enforcing, program)
 
     async def probe(self, kind: str, request: dict[str, Any], headers: Headers, prefix: str,
                     position: int) -> ProbeResult:
@@ -127,8 +132,10 @@ class ProbeSession:
     """
 
     def __init__(self, prober: Prober, kind: str, request: dict[str, Any], headers: Headers,
-                 policy: CotPolicy | None = None, enforcing: bool = False) -> None:
+                 policy: CotPolicy | None = None, enforcing: bool = False,
+                 program: str | None = None) -> None:
         self._prober = prober
+        self._program = program
         self._kind = kind
         self._request = request
         self._headers = headers
@@ -199,6 +206,8 @@ class ProbeSession:
         ok = [r for r in self.results if r.status == "ok"] + [result]
         result.certaindex = probe_certaindex([r.answer for r in ok], [r.hesitant for r in ok])
         metrics.observe_certaindex("cot", result.certaindex)
+        if self._program is not None:
+            self._prober.signals.signal(self._program, result.certaindex)
         if self.policy is not None and self.policy.rule is not None:
             result.signals = text_signals(prefix, result.answer)
         self.results.append(result)

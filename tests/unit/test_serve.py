@@ -42,6 +42,21 @@ class FakeEngine:
         return "vllm:num_requests_running 0.0\n"
 
 
+class Recording(Fcfs):
+    """FCFS that keeps what the pipeline told it about programs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signals: list[tuple[str, float]] = []
+        self.done: list[str] = []
+
+    def signal(self, program_id: str, certaindex: float, now: float) -> None:
+        self.signals.append((program_id, certaindex))
+
+    def program_done(self, program_id: str, now: float) -> None:
+        self.done.append(program_id)
+
+
 def scope(mode: str) -> ScopeState:
     return ScopeState("*", mode, 0.0, None, None, datetime.now(UTC), "me", "test")
 
@@ -123,10 +138,13 @@ async def test_requests_tell_the_upstream_their_program_and_kind():
             return probe_reply("7}")
         if call.body and call.json().get("stream"):
             return FakeResponse(200, list(SSE), chat_stream(["x"] * 16), delay_s=0.01)
-        return FakeResponse(200, list(JSON), [json.dumps({"choices": []}).encode()])
+        choices = [{"index": i, "message": {"role": "assistant", "content": "so \\boxed{7}"},
+                    "finish_reason": "stop"} for i in range(call.json().get("n", 1) if call.body else 0)]
+        return FakeResponse(200, list(JSON), [json.dumps({"choices": choices}).encode()])
 
     upstream = ScriptedUpstream(handler)
-    app = ServeApp(Settings(probe_interval=8), FakeEngine(upstream, Admission(Fcfs(), 4)), Fcfs,
+    scheduler = Recording()
+    app = ServeApp(Settings(probe_interval=8), FakeEngine(upstream, Admission(scheduler, 4)), Fcfs,
                    write=lambda records: None)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve")
     body = {"model": "m", "messages": [{"role": "user", "content": "6 * 7?"}]}
@@ -148,3 +166,11 @@ async def test_requests_tell_the_upstream_their_program_and_kind():
     assert tagged == (b"p7", b"sample")
     (models,) = [c for c in upstream.calls if c.path == "/v1/models"]
     assert tag(models) == (None, None)  # not a generation: nothing to say
+
+    # What the scheduler heard: each probe's certaindex and each sample's, under the program;
+    # the programs of their own are done when their request ends, the tagged one is not.
+    main_program, n2_program = main[0].decode(), n2[0].decode()
+    heard = {p for p, _ in scheduler.signals}
+    assert sum(p == main_program for p, _ in scheduler.signals) == len(probes)
+    assert heard == {main_program, n2_program, "p7"}
+    assert main_program in scheduler.done and n2_program in scheduler.done and "p7" not in scheduler.done
