@@ -2,7 +2,7 @@
 
 `ServeApp` is the proxy app (routes, observation, probes, store, policies,
 rollout, guardrails, admin API, metrics) whose upstream is the in-process
-engine (`proxy.upstream.engine`, which needs vLLM). What only `serve` adds:
+engine (`proxy.upstream.engine`, started by `proxy.upstream.vllm`). What only `serve` adds:
 
 - what the pipeline learns about each program (each probe's or sample's certaindex, a
   program done or stopped) reaches the scheduler through the admission;

@@ -78,7 +78,7 @@ class _Signals:
 
 async def _run(settings: Any, engine_args: Any, scheduler: Any, capacity: int | None) -> None:
     from proxy.serve import ServeApp
-    from proxy.upstream.engine import start_engine
+    from proxy.upstream.vllm import start_engine
 
     signals = _Signals()
     try:
@@ -154,7 +154,7 @@ def serve(
     ensure_engine_environment()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local checkpoint: never wait on the hub
-    from proxy.upstream.engine import EngineOptionError, parse_engine_args
+    from proxy.upstream.vllm import EngineOptionError, parse_engine_args
 
     try:
         engine_args = parse_engine_args(str(model.resolve()), ctx.args)

@@ -20,7 +20,9 @@ headers (`x-dynasor-program`, `x-dynasor-job`; see `proxy.upstream.base`);
 vLLM's server does not pass headers to the engine, so `AsgiUpstream` runs each
 request in a context that carries them (`job_context`).
 
-Only `dynasorctl serve` imports this module: it needs vLLM (`make engine`).
+This module needs no vLLM (the engine is duck-typed: `generate`, `abort`), so
+its logic is unit-tested with a fake engine; `proxy.upstream.vllm` starts the
+real one.
 """
 
 from __future__ import annotations
@@ -28,23 +30,20 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from argparse import Namespace
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from copy import copy
 from dataclasses import dataclass, field
-from typing import Any, get_args
-
-from vllm import SamplingParams
-from vllm.outputs import RequestOutput
-from vllm.sampling_params import RequestOutputKind
-from vllm.v1.engine.async_llm import AsyncLLM
-from vllm.v1.metrics.loggers import StatLoggerBase
+from typing import TYPE_CHECKING, Any, get_args
 
 from proxy.scheduler.admission import Admission
-from proxy.scheduler.base import Job, JobKind, Scheduler
+from proxy.scheduler.base import Job, JobKind
 from proxy.upstream.asgi import AsgiUpstream
 from proxy.upstream.base import JOB_HEADER, PROGRAM_HEADER, Headers
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.outputs import RequestOutput
 
 KINDS: frozenset[str] = frozenset(get_args(JobKind))
 
@@ -98,7 +97,7 @@ class ScheduledEngine:
     configs, renderer and processors, and calls its other methods.
     """
 
-    def __init__(self, engine: AsyncLLM, admission: Admission,
+    def __init__(self, engine: Any, admission: Admission,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._engine = engine
         self.admission = admission
@@ -123,7 +122,7 @@ class ScheduledEngine:
                    kind: JobKind, kwargs: dict[str, Any]) -> AsyncGenerator[RequestOutput, None]:
         """One engine request: wait for its slot, generate, abort it if it ends early."""
         job = Job(request_id, program, kind, self._clock(), params.max_tokens, _prompt_tokens(prompt))
-        delta = params.output_kind == RequestOutputKind.DELTA
+        delta = params.output_kind.name == "DELTA"
         async with self.admission.slot(job):
             finished, tokens = False, 0
             try:
@@ -143,6 +142,7 @@ class ScheduledEngine:
         """The `n` samples of one request, each its own engine request, merged as vLLM merges them:
         streamed outputs as they come (choice index = sample), a final-only request at the end."""
         n = params.n
+        final_only = params.output_kind.name == "FINAL_ONLY"
         arrived: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
 
         async def sample(i: int) -> None:
@@ -166,12 +166,12 @@ class ScheduledEngine:
                 for choice in out.outputs:
                     choice.index = i
                 left -= out.finished
-                if params.output_kind == RequestOutputKind.FINAL_ONLY:
+                if final_only:
                     final[i] = out
                     continue
                 out.request_id, out.finished = request_id, left == 0
                 yield out
-            if params.output_kind == RequestOutputKind.FINAL_ONLY:
+            if final_only:
                 yield _merged(request_id, final)
         finally:
             for task in tasks:
@@ -189,7 +189,7 @@ def _merged(request_id: str, finals: list[RequestOutput | None]) -> RequestOutpu
     return first
 
 
-# --- what the engine reports about its own batch ---------------------------------------------
+# --- the engine in this process, as serve holds it --------------------------------------------
 
 
 @dataclass
@@ -201,62 +201,24 @@ class EngineLoad:
     kv_cache_usage: float = 0.0
     steps: int = 0
 
-    def logger(self, vllm_config: Any, engine_index: int = 0) -> StatLoggerBase:
-        """A vLLM stat logger that keeps these figures (the factory `AsyncLLM` takes)."""
-        return _LoadLogger(self)
-
-
-class _LoadLogger(StatLoggerBase):
-    def __init__(self, load: EngineLoad) -> None:  # noqa: D107 (vLLM calls the factory above)
-        self.load = load
-
-    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
-               engine_idx: int = 0) -> None:
-        if scheduler_stats is not None:
-            self.load.running = scheduler_stats.num_running_reqs
-            self.load.waiting = scheduler_stats.num_waiting_reqs
-            self.load.kv_cache_usage = scheduler_stats.kv_cache_usage
-            self.load.steps += 1
-
-    def log_engine_initialized(self) -> None:
-        pass
-
-
-# --- the engine and its server, started and stopped together ---------------------------------
-
-
-class EngineOptionError(ValueError):
-    """Engine options vLLM refuses (unknown, malformed or inconsistent), in vLLM's words."""
-
-
-def parse_engine_args(model: str, options: list[str]) -> Namespace:
-    """vLLM's own server arguments for `model` and the operator's engine options."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    class Parser(FlexibleArgumentParser):
-        def error(self, message: str) -> Any:  # argparse would print usage and exit
-            raise EngineOptionError(message)
-
-    parser = make_arg_parser(Parser(prog="dynasorctl serve"))
-    try:
-        args = parser.parse_args(["--model", model, *options])
-        validate_parsed_serve_args(args)
-    except (TypeError, ValueError) as exc:
-        raise EngineOptionError(str(exc).removeprefix("Error: ")) from exc
-    return args
+    def record(self, stats: Any) -> None:
+        self.running = stats.num_running_reqs
+        self.waiting = stats.num_waiting_reqs
+        self.kv_cache_usage = stats.kv_cache_usage
+        self.steps += 1
 
 
 @dataclass
 class InProcessEngine:
-    """vLLM's engine and its OpenAI server app in this process, under dynasor's admission."""
+    """vLLM's engine and its OpenAI server app in this process, under dynasor's admission
+    (started by `proxy.upstream.vllm.start_engine`)."""
 
-    engine: AsyncLLM
+    engine: Any  # vLLM's AsyncLLM
     client: ScheduledEngine
-    app: Any  # vLLM's FastAPI app
+    app: Any  # vLLM's FastAPI app over `client`
     model_name: str
     load: EngineLoad
-    _stats: asyncio.Task[None] | None = field(default=None, repr=False)
+    stats_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def admission(self) -> Admission:
@@ -280,51 +242,6 @@ class InProcessEngine:
 
     def shutdown(self) -> None:
         """Stop the engine core and its workers (child processes); waits for them."""
-        if self._stats is not None:
-            self._stats.cancel()
+        if self.stats_task is not None:
+            self.stats_task.cancel()
         self.engine.shutdown()
-
-
-async def start_engine(args: Namespace, scheduler: Scheduler, capacity: int | None,
-                       clock: Callable[[], float] = time.monotonic) -> InProcessEngine:
-    """Start vLLM from its own parsed server arguments (`parse_engine_args`).
-
-    Blocks the event loop while the engine core starts (nothing else runs yet).
-    `capacity` defaults to the engine's batch limit (`max_num_seqs`).
-    """
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.app import build_app
-    from vllm.usage.usage_lib import UsageContext
-
-    engine_args = AsyncEngineArgs.from_cli_args(args)
-    config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-    load = EngineLoad()
-    engine = AsyncLLM.from_vllm_config(
-        config, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=[load.logger],
-        enable_log_requests=engine_args.enable_log_requests,
-        disable_log_stats=engine_args.disable_log_stats)
-    try:
-        admission = Admission(scheduler, capacity or config.scheduler_config.max_num_seqs, clock)
-        client = ScheduledEngine(engine, admission, clock)
-        tasks = await engine.get_supported_tasks()
-        app = build_app(args, tasks, engine.model_config)
-        await init_app_state(client, app.state, args, tasks)  # type: ignore[arg-type]
-    except BaseException:
-        engine.shutdown()
-        raise
-    names = args.served_model_name or [args.model]
-    served = InProcessEngine(engine, client, app, names[0], load)
-    if not engine_args.disable_log_stats:
-        served._stats = asyncio.create_task(_log_stats(engine), name="dynasor-engine-stats")
-    return served
-
-
-async def _log_stats(engine: AsyncLLM) -> None:
-    """vLLM's periodic throughput line, as its own server logs it."""
-    import vllm.envs as envs
-
-    while True:
-        await asyncio.sleep(envs.VLLM_LOG_STATS_INTERVAL)
-        await engine.do_log_stats()
-
