@@ -135,7 +135,7 @@ def serve(
     The proxy's routes and control plane run on top: probes, store, policies, rollout, kill switch, guardrails, admin API, metrics.
 
     Every other option is vLLM's own (`vllm serve --help`: --max-model-len, --dtype, --served-model-name, ...) and goes to the engine; after `--` if it shares a name with an option here.
-    """  # noqa: E501 (one line per paragraph: the help wraps them)
+    """
     from proxy.core.policy import PolicyFileError, load_policy_file
     from proxy.serve import SchedulerNameError, load_scheduler
 

@@ -57,7 +57,7 @@ class JobTag:
     kind: JobKind | None = None  # None: "cot" for one sample, "sample" for each of n > 1
 
 
-_TAG: contextvars.ContextVar[JobTag] = contextvars.ContextVar("dynasor_job", default=JobTag())
+_TAG: contextvars.ContextVar[JobTag] = contextvars.ContextVar("dynasor_job", default=JobTag())  # noqa: B039 (frozen)
 
 
 def job_tag(headers: Headers) -> JobTag:

@@ -94,7 +94,7 @@ async def start_engine(args: Namespace, scheduler: Scheduler, capacity: int | No
 
 async def _log_stats(engine: AsyncLLM) -> None:
     """vLLM's periodic throughput line, as its own server logs it."""
-    import vllm.envs as envs
+    from vllm import envs
 
     while True:
         await asyncio.sleep(envs.VLLM_LOG_STATS_INTERVAL)

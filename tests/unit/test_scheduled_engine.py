@@ -147,14 +147,15 @@ async def test_a_generation_cancelled_while_being_submitted_is_aborted_by_id():
 
 async def test_a_finished_generation_is_not_aborted_and_reports_its_progress():
     class Progress(Fcfs):
-        seen: list[tuple[str, int]] = []
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[str, int]] = []
 
         def progress(self, request_id: str, tokens: int, now: float) -> None:
             self.seen.append((request_id, tokens))
 
     for kind in (Kind.DELTA, Kind.CUMULATIVE):
         scheduler = Progress()
-        scheduler.seen = []
         engine = FakeEngine()
         client = ScheduledEngine(engine, Admission(scheduler, capacity=1))
         outs = await drain(client.generate("p", Params(output_kind=kind), "r0"))

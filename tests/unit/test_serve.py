@@ -16,7 +16,13 @@ from proxy.control import rollout
 from proxy.control.rollout import RolloutState, ScopeState
 from proxy.scheduler.admission import Admission
 from proxy.scheduler.base import Fcfs, Job
-from proxy.serve import SchedulerNameError, ServeApp, load_scheduler, scheduler_name, scheduling_allowed
+from proxy.serve import (
+    SchedulerNameError,
+    ServeApp,
+    load_scheduler,
+    scheduler_name,
+    scheduling_allowed,
+)
 from proxy.settings import Settings
 from proxy.store.db import open_store
 from tests.fakes import JSON, SSE, Call, FakeResponse, ScriptedUpstream, chat_stream, probe_reply
