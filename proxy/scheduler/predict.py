@@ -25,10 +25,13 @@ class TypeModel:
     _recent: deque[int] = field(default_factory=deque)
 
     def requests_left(self, made: int) -> float | None:
-        """E[R - made | R > made] over the programs seen (0 if none made more; None if none)."""
+        """E[R - made | R >= made] over the programs seen (0 if none made as many; None if none).
+
+        A program that has made `made` requests is one of those that make at least that many.
+        """
         if not self.requests:
             return None
-        longer = [(r, c) for r, c in self.requests.items() if r > made]
+        longer = [(r, c) for r, c in self.requests.items() if r >= made]
         count = sum(c for _, c in longer)
         return sum((r - made) * c for r, c in longer) / count if count else 0.0
 

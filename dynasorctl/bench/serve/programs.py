@@ -37,8 +37,10 @@ class Request:
     position: int = 0  # a probe: the parent's tokens it reads
 
     def job(self, now: float, program_type: str, budget: int | None) -> Job:
-        return Job(self.request_id, self.program_id, self.kind, now, self.tokens,
-                   self.prompt_tokens, program_type, budget)
+        # No max_tokens: a client's budget says nothing of the length it replays, and the
+        # scheduler must not be told the answer.
+        return Job(self.request_id, self.program_id, self.kind, now, None, self.prompt_tokens,
+                   program_type, budget)
 
 
 @dataclass(slots=True)
