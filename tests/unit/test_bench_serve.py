@@ -6,7 +6,6 @@ import json
 from dataclasses import replace
 
 import pytest
-
 import typer
 from typer.testing import CliRunner
 
