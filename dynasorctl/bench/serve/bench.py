@@ -151,9 +151,10 @@ def engine_python(settings: Settings) -> Path:
                      "or pass --engine-python, or use --simulate")
 
 
-def on_engine(run: Run, tick: Callable[[], None], fit_repeats: int = 0
+def on_engine(run: Run, tick: Callable[[], None], fit_repeats: int = 0,
+              on_sample: Callable[[list[float]], None] = lambda sample: None,
               ) -> tuple[list[CellResult], list[list[float]]]:
-    """The cells on the real engine (a worker in the engine's environment)."""
+    """The cells on the real engine (or, with `fit_repeats`, step timings of it)."""
     s = run.settings
     model = s.model or ROOT / ".cache" / "models" / "smollm2-135m"
     if not (model / "config.json").exists():
@@ -183,8 +184,10 @@ def on_engine(run: Run, tick: Callable[[], None], fit_repeats: int = 0
                 message = json.loads(line)
                 if "tick" in message:
                     tick()
-                elif "fit" in message:
-                    fitted = message["fit"]
+                elif "sample" in message:
+                    fitted.append(message["sample"])
+                    on_sample(message["sample"])
+                    tick()
                 elif "cell" in message:
                     results[message["cell"]] = cell_result(message["result"])
             code = proc.wait()

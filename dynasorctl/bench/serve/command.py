@@ -184,7 +184,11 @@ def _fit(s: bench.Settings, repeats: int) -> None:
     with _progress() as bar:
         task = bar.add_task("measuring engine steps", total=points(repeats))
         try:
-            _, samples = bench.on_engine(empty, lambda: bar.advance(task), fit_repeats=repeats)
+            _, samples = bench.on_engine(
+                empty, lambda: bar.advance(task), fit_repeats=repeats,
+                on_sample=lambda x: err_console.print(
+                    f"step {x[0] * 1000:.1f} ms: {x[1]} running, {x[2]} prefilled, "
+                    f"{x[3]} context tokens", style="dim"))
         except bench.BenchError as exc:
             raise UserError(str(exc)) from exc
     cost, error = fit([tuple(x) for x in samples], "fitted")  # type: ignore[misc]

@@ -173,7 +173,7 @@ async def serve_cells(job: dict[str, Any], emit: Callable[[dict[str, Any]], None
         if job.get("fit"):
             from dynasorctl.bench.serve.fit import measure
 
-            emit({"fit": await measure(engine, vocab, job["fit"], lambda: emit({"tick": 1}))})
+            await measure(engine, vocab, job["fit"], lambda sample: emit({"sample": sample}))
         for i, cell in enumerate(job.get("cells", [])):
             programs = [program_from_json(p) for p in cell["programs"]]
             run = CellRun(engine, ARMS[cell["arm"]], job["capacity"], vocab,

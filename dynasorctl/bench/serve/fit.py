@@ -22,20 +22,18 @@ from dynasorctl.bench.serve.sim import StepCost
 
 Sample = tuple[float, int, int, int]  # seconds, running sequences, prefilled tokens, context
 
-BATCHES = (1, 2, 4, 8, 16, 24, 32)
-PROMPTS = (16, 256, 768)
-PREFILLS = (64, 256, 512, 1024)
-GENERATE = 48
+BATCHES = (1, 4, 8, 12, 16, 24)
+PROMPTS = (16, 192, 512)
+PREFILLS = (64, 256, 512)
+GENERATE = 32
 
 
-async def measure(engine: Any, vocab: int, repeats: int, tick: Callable[[], None]
-                  ) -> list[Sample]:
-    """Step timings of the engine (see the module docstring); `tick` after each batch."""
+async def measure(engine: Any, vocab: int, repeats: int, emit: Callable[[Sample], None]) -> None:
+    """Step timings of the engine (see the module docstring), each given to `emit` at once."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     counter = itertools.count()
-    samples: list[Sample] = []
 
     async def batch(size: int, prompt: int, generate: int) -> list[float]:
         stamps: list[float] = []
@@ -57,14 +55,10 @@ async def measure(engine: Any, vocab: int, repeats: int, tick: Callable[[], None
         for size, prompt in itertools.product(BATCHES, PROMPTS):
             stamps = await batch(size, prompt, GENERATE)
             steps = [b - a for a, b in itertools.pairwise(stamps[2:])]  # decode steps only
-            samples.append((statistics.median(steps), size, 0,
-                            size * (prompt + len(stamps) // 2)))
-            tick()
+            emit((statistics.median(steps), size, 0, size * (prompt + len(stamps) // 2)))
         for prompt in PREFILLS:
             stamps = await batch(1, prompt, 1)
-            samples.append((stamps[1] - stamps[0], 1, prompt, prompt))
-            tick()
-    return samples
+            emit((stamps[1] - stamps[0], 1, prompt, prompt))
 
 
 def fit(samples: Sequence[Sample], name: str) -> tuple[StepCost, float]:

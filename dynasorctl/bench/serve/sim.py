@@ -2,7 +2,7 @@
 
 Like vLLM with dynasor's admission in front: at most `capacity` requests run; a request
 admitted at a step boundary is prefilled in the next step (its prompt tokens the prefix
-cache does not hold) and from then on generates one token a step. A step costs
+cache does not hold, at least one) and from then on generates one token a step. A step costs
 
     fixed + per_seq * running + per_prefill * prefilled tokens + per_context * context tokens
 
@@ -192,7 +192,7 @@ class Simulator:
             r = _Running(request, run, self.steps)
             self._running[request_id] = r
             self._context_base += request.prompt_tokens - self.steps
-            self._prefill += request.prompt_tokens - request.cached
+            self._prefill += max(1, request.prompt_tokens - request.cached)  # a hit recomputes one
             self._schedule(r)
             if len(self._running) >= self.capacity:
                 break

@@ -30,7 +30,8 @@ from proxy.core.policy import CotPolicy, ScPolicy, decide_sc, first_stop, probes
 ProgramType = Literal["sc", "cot"]
 # A probe as the proxy takes it: the paper's suffix (about 24 tokens) after the text so far,
 # then about 6 answer tokens (the recordings' median), every policy interval. Scaled, a
-# probe keeps its share of the work: at 1/32, one suffix token and one answer token.
+# probe keeps its share of the work: at 1/32, no suffix (the engine recomputes the last
+# cached token) and one answer token, every 8 tokens.
 PROBE_SUFFIX_TOKENS = 24
 PROBE_ANSWER_TOKENS = 6
 Same = Callable[[str | None, str], bool]  # is this answer the gold one (math-aware)
@@ -115,7 +116,7 @@ def cot_templates(traces, policy: CotPolicy, scale: float, cap: int, same: Same
     Probes are taken every policy interval (scaled), each one scaled like the text.
     """
     probe_every = scaled(policy.interval, scale, cap)
-    suffix = scaled(PROBE_SUFFIX_TOKENS, scale, cap)
+    suffix = int(PROBE_SUFFIX_TOKENS * scale)  # may be 0: the engine recomputes a cached token
     answer = scaled(PROBE_ANSWER_TOKENS, scale, cap)
     seeds: dict[tuple[str, str, str], list[bool | None]] = defaultdict(list)
     for t in traces:
