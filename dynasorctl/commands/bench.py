@@ -187,9 +187,9 @@ def serve(
     seeds: Annotated[int | None, typer.Option(min=1, help="Arrival traces per rate.")] = None,
     programs: Annotated[int | None, typer.Option(min=2, help="Programs per arrival trace.")] = None,
     slo_scale: Annotated[float, typer.Option(
-        min=0.01, help="SLO scale of the attainment-against-rate curve.")] = 2.0,
+        min=0.01, help="SLO scale of the attainment-against-rate curve.")] = 3.0,
     slo_scales: Annotated[str, typer.Option(
-        help="SLO scales of the attainment-against-SLO curve.")] = "0.5,1,1.5,2,3,4",
+        help="SLO scales of the attainment-against-SLO curve.")] = "1,1.5,2,3,4",
     sc_share: Annotated[float, typer.Option(
         help="Share of programs that are self-consistency (the rest chain of thought).")] = 0.5,
     length_scale: Annotated[float | None, typer.Option(

@@ -48,6 +48,7 @@ class Config:
 
 
 DYNASOR = Config()
+PACE_EVERY = 8  # tokens between two samples of a stream's pace
 PROGRAM_FIFO = Config(sjf=False, fairness=None, use_certaindex=False, probes_first=False)
 
 
@@ -59,7 +60,7 @@ class _Program:
     budget: int | None
     max_tokens: int | None
     queued: dict[str, Job] = field(default_factory=dict)  # in submission order
-    running: dict[str, tuple[int, float | None]] = field(default_factory=dict)  # tokens, when
+    running: dict[str, list[float]] = field(default_factory=dict)  # [tokens, paced at, when]
     made: int = 0  # requests submitted, probes aside
     width: int = 1  # most requests queued or running at once
     certaindex: float | None = None
@@ -117,12 +118,13 @@ class ProgramScheduler:
 
     def progress(self, request_id: str, tokens: int, now: float) -> None:
         p = self._owner.get(request_id)
-        if p is None or request_id not in p.running:
+        state = p.running.get(request_id) if p is not None else None
+        if state is None:
             return
-        before, when = p.running[request_id]
-        if when is not None and tokens > before and now > when:
-            self.model.learn_pace((now - when) / (tokens - before))
-        p.running[request_id] = (tokens, now)
+        state[0] = tokens
+        if tokens - state[1] >= PACE_EVERY and now > state[2]:  # a pace sample now and then
+            self.model.learn_pace((now - state[2]) / (tokens - state[1]))
+            state[1], state[2] = tokens, now
         if p.queued:
             self._dirty[p.program_id] = p
 
@@ -135,9 +137,9 @@ class ProgramScheduler:
         if p is None:
             return
         if p.queued.pop(request_id, None) is None and request_id in p.running:
-            tokens, _ = p.running.pop(request_id)
+            tokens = p.running.pop(request_id)[0]
             if not probe:
-                self.model.learn_request(p.type, tokens)
+                self.model.learn_request(p.type, round(tokens))
         self._settle(p, now)
 
     def signal(self, program_id: str, certaindex: float, now: float) -> None:
@@ -189,7 +191,7 @@ class ProgramScheduler:
                 if free == 0:
                     break
                 job = p.queued.pop(request_id)
-                p.running[request_id] = (0, now)  # the pace is measured from admission
+                p.running[request_id] = [0, 0, now]  # the pace is measured from admission
                 if job.kind == "probe":
                     self._running_probes.add(request_id)
                 out.append(request_id)
@@ -245,7 +247,7 @@ class ProgramScheduler:
         tokens = self.model.tokens(p.type, p.max_tokens)
         shrink = 1.0 - (p.certaindex or 0.0) if self.config.use_certaindex else 1.0
         left = self.model.requests_left(p.type, p.made, p.budget)
-        running = sum(max(tokens - t, 0.0) for t, _ in p.running.values())
+        running = sum(max(tokens - state[0], 0.0) for state in p.running.values())
         work = len(p.queued) * tokens + (running + left * tokens) * shrink
         pace = self.model.seconds_per_token
         alone = None if pace is None else math.ceil((p.made + left) / p.width) * tokens * pace

@@ -236,7 +236,8 @@ def test_learned_tokens_per_request_and_requests_per_program():
     for requests in (2, 2, 4, 8):
         model.learn_program("sc", requests)
     assert model.requests_left("sc", 0, 8) == 4.0
-    assert model.requests_left("sc", 2, 8) == 4.0  # of those that made more than 2: 4 and 8
+    assert model.requests_left("sc", 2, 8) == 2.0  # a program that made 2 may be done
+    assert model.requests_left("sc", 3, 8) == 3.0  # of those that made at least 3: 4 and 8
     assert model.requests_left("sc", 8, 8) == 0.0
 
 
