@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_serve_runs_programs_on_the_engine_through_admission():
     args = [sys.executable, "-m", "dynasorctl.cli", "bench", "serve", "--arms", "fcfs,dynasor",
             "--rates", "0.5", "--seeds", "1", "--programs", "6", "--length-scale", "0.015625",
-            "--capacity", "4", "--sc-traces", str(PACKAGED_SC_SAMPLE), "--cot-traces",
+            "--capacity", "4", "--cost", "0.03,0.0023,0.0016,2.7e-6",  # no step-cost fit
+            "--sc-traces", str(PACKAGED_SC_SAMPLE), "--cot-traces",
             str(PACKAGED_SAMPLE), "--format", "json"]
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]

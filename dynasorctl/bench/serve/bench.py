@@ -70,7 +70,7 @@ class Cell:
 
 @dataclass
 class Run:
-    settings: Settings
+    settings: Settings  # in a real run, with the step cost measured in it
     base: dict[str, float]
     rates: tuple[float, ...]
     cells: list[Cell]

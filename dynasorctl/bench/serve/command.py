@@ -139,21 +139,20 @@ def run(o: Options) -> None:
 
     with Grader() as grader:
         templates = bench.build_templates(s, sc_records, cot_records, grader.same)
-    planned = bench.plan(s, {k: v for k, v in templates.items() if v})
-    mode = (f"simulated ({s.cost.name or 'given step cost'})" if s.simulate
-            else "real engine (vLLM in process)")
+    templates = {k: v for k, v in templates.items() if v}
+    planned = bench.plan(s, templates)
     try:
         with _progress() as bar:
             if s.simulate:
                 task = bar.add_task("simulating", total=len(planned.cells))
                 planned.results = bench.simulate(planned, lambda: bar.advance(task))
             else:
-                total = sum(len(c.programs) for c in planned.cells)
-                task = bar.add_task("on the engine (programs)", total=total)
-                planned.results, _ = bench.on_engine(planned, lambda: bar.advance(task))
-                planned.simulated = bench.simulate(planned, lambda: None)
+                _on_engine(planned, templates, o.cost is None, bar)
     except bench.BenchError as exc:
         raise UserError(str(exc)) from exc
+    s = planned.settings
+    mode = (f"simulated ({s.cost.name or 'given step cost'})" if s.simulate
+            else f"real engine (vLLM in process); simulator beside it: {_cost(s.cost)}")
     reference = report.reference_rate(planned, o.reference_rate)
     figs = report.figures(planned, reference)
     cost = overhead.measure() if s.simulate else None
@@ -179,6 +178,27 @@ def run(o: Options) -> None:
         err_console.print(f"plot written to {o.plot}")
 
 
+def _on_engine(planned: bench.Run, templates: dict, fit_first: bool, bar: Progress) -> None:
+    """The cells on the engine, after measuring its step cost in the same session (unless
+    given), so the deadlines' base and the simulator beside the run share its conditions."""
+    repeats = 1 if fit_first else 0
+    total = sum(len(c.programs) for c in planned.cells) + points(repeats)
+    task = bar.add_task("on the engine (step timings, then programs)", total=total)
+    planned.results, samples = bench.on_engine(planned, lambda: bar.advance(task), repeats)
+    if samples:
+        cost, _ = fit([tuple(x) for x in samples], "fitted in this run")  # type: ignore[misc]
+        s = replace(planned.settings, cost=cost)
+        planned.settings = s
+        planned.base = bench.bases(templates, s.cost, s.capacity)
+    planned.simulated = bench.simulate(planned, lambda: None)
+
+
+def _cost(cost: StepCost) -> str:
+    return (f"step = {cost.fixed * 1000:.1f} ms + {cost.per_seq * 1000:.2f} ms x running + "
+            f"{cost.per_prefill * 1000:.2f} ms x prefilled + {cost.per_context * 1e6:.2f} us x "
+            f"context tokens ({cost.name})")
+
+
 def _fit(s: bench.Settings, repeats: int) -> None:
     empty = bench.Run(replace(s, simulate=False), {}, (), [])
     with _progress() as bar:
@@ -192,8 +212,6 @@ def _fit(s: bench.Settings, repeats: int) -> None:
         except bench.BenchError as exc:
             raise UserError(str(exc)) from exc
     cost, error = fit([tuple(x) for x in samples], "fitted")  # type: ignore[misc]
-    Console().print(
-        f"step seconds = {cost.fixed:.4g} + {cost.per_seq:.4g} x running + "
-        f"{cost.per_prefill:.4g} x prefilled tokens + {cost.per_context:.4g} x context tokens "
-        f"(median error {error:.0%} over {len(samples)} measurements)\n"
-        f"--cost {cost.fixed:.4g},{cost.per_seq:.4g},{cost.per_prefill:.4g},{cost.per_context:.4g}")
+    Console().print(f"{_cost(cost)}; median error {error:.0%} over {len(samples)} measurements\n"
+                    f"--cost {cost.fixed:.4g},{cost.per_seq:.4g},{cost.per_prefill:.4g},"
+                    f"{cost.per_context:.4g}")
