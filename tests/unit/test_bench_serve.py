@@ -289,3 +289,18 @@ def test_bench_serve_bad_arguments_get_one_line(args, message):
     result = invoke([*SMALL, *args])
     assert result.exit_code != 0 and message in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_step_cost_fit_recovers_the_constants_and_shrugs_off_a_burst():
+    from dynasorctl.bench.serve.fit import fit
+
+    true = StepCost(0.03, 0.002, 0.0015, 3e-6)
+    samples = [(true.step(s, p, c), s, p, c) for s in (1, 4, 8, 16) for p, c in
+               ((0, 16 * s), (0, 512 * s))] + [(true.step(1, p, p), 1, p, p) for p in (64, 512)]
+    cost, error = fit(samples, "t")
+    assert (cost.fixed, cost.per_seq, cost.per_prefill, cost.per_context) == pytest.approx(
+        (0.03, 0.002, 0.0015, 3e-6), rel=1e-6)
+    assert error == pytest.approx(0.0, abs=1e-9)
+    burst = [(t * (5 if i == 3 else 1), *rest) for i, (t, *rest) in enumerate(samples)]
+    cost, _ = fit(burst, "t")
+    assert cost.fixed == pytest.approx(0.03, rel=1e-6)  # the burst was left out

@@ -32,6 +32,10 @@ from dynasorctl.bench.serve.workload import (
 from proxy.core.policy import CotPolicy, ScPolicy
 
 ROOT = Path(__file__).resolve().parents[3]
+# Default rates, as multiples of the rate that saturates the plain engine: fewer on the real
+# engine, where a cell takes minutes.
+SIMULATED_RATES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5)
+ENGINE_RATES = (0.75, 1.5, 2.25, 3.0)
 
 
 class BenchError(Exception):
@@ -113,7 +117,8 @@ def auto_rates(templates: dict[ProgramType, list[Template]], settings: Settings)
     n = settings.capacity
     per_second = n / settings.cost.step(n, 0, round(n * context))
     saturation = per_second / tokens
-    return tuple(float(f"{saturation * f:.2g}") for f in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5))
+    factors = SIMULATED_RATES if settings.simulate else ENGINE_RATES
+    return tuple(float(f"{saturation * f:.2g}") for f in factors)
 
 
 def plan(settings: Settings, templates: dict[ProgramType, list[Template]]) -> Run:
@@ -151,18 +156,20 @@ def engine_python(settings: Settings) -> Path:
                      "or pass --engine-python, or use --simulate")
 
 
-def on_engine(run: Run, tick: Callable[[], None], fit_repeats: int = 0,
+def on_engine(s: Settings, fit_repeats: int, plan_cells: Callable[[list[list[float]]], Run],
+              tick: Callable[[], None],
               on_sample: Callable[[list[float]], None] = lambda sample: None,
-              ) -> tuple[list[CellResult], list[list[float]]]:
-    """The cells on the real engine (or, with `fit_repeats`, step timings of it)."""
-    s = run.settings
+              ) -> tuple[Run, list[list[float]]]:
+    """Time the real engine's steps, plan the cells from that, run them on the same engine.
+
+    A worker in the engine's environment starts the engine once; `plan_cells` gets the step
+    timings (empty without `fit_repeats`) and returns the run to do (no cells: measure only).
+    """
     model = s.model or ROOT / ".cache" / "models" / "smollm2-135m"
     if not (model / "config.json").exists():
         raise BenchError(f"no model at {model}: run `make engine`, or pass --model")
     job = {"model": str(model), "max_model_len": s.max_model_len, "capacity": s.capacity,
-           "fit": fit_repeats,
-           "cells": [{"arm": c.arm, "horizon": c.horizon,
-                      "programs": [program_to_json(p) for p in c.programs]} for c in run.cells]}
+           "fit": fit_repeats}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get(
         "PYTHONPATH")])), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     cores = f"0-{(os.cpu_count() or 1) - 1}"  # every core, none kept back (ENGINE.md's recipe)
@@ -170,7 +177,8 @@ def on_engine(run: Run, tick: Callable[[], None], fit_repeats: int = 0,
                        ("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")):
         env.setdefault(key, value)
     results: dict[int, CellResult] = {}
-    fitted: list[list[float]] = []
+    samples: list[list[float]] = []
+    run: Run | None = None
     with tempfile.NamedTemporaryFile("w+", prefix="dynasor-bench-serve-", suffix=".log",
                                      delete=False) as log:
         proc = subprocess.Popen([str(engine_python(s)), "-m", "dynasorctl.bench.serve.engine"],
@@ -178,16 +186,23 @@ def on_engine(run: Run, tick: Callable[[], None], fit_repeats: int = 0,
                                 text=True, env=env, cwd=ROOT)
         try:
             assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write(json.dumps(job))
-            proc.stdin.close()
+            proc.stdin.write(json.dumps(job) + "\n")
+            proc.stdin.flush()
             for line in proc.stdout:
                 message = json.loads(line)
                 if "tick" in message:
                     tick()
                 elif "sample" in message:
-                    fitted.append(message["sample"])
+                    samples.append(message["sample"])
                     on_sample(message["sample"])
                     tick()
+                elif "ready" in message:
+                    run = plan_cells(samples)
+                    proc.stdin.write(json.dumps({"cells": [
+                        {"arm": c.arm, "horizon": c.horizon,
+                         "programs": [program_to_json(p) for p in c.programs]}
+                        for c in run.cells]}) + "\n")
+                    proc.stdin.close()
                 elif "cell" in message:
                     results[message["cell"]] = cell_result(message["result"])
             code = proc.wait()
@@ -199,12 +214,13 @@ def on_engine(run: Run, tick: Callable[[], None], fit_repeats: int = 0,
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-    if code != 0 or len(results) != len(run.cells):
+    if code != 0 or run is None or len(results) != len(run.cells):
         tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-5:]
         raise BenchError(f"the engine worker failed (exit {code}); log {log.name}: "
                          + " | ".join(tail))
     os.unlink(log.name)
-    return [results[i] for i in range(len(run.cells))], fitted
+    run.results = [results[i] for i in range(len(run.cells))]
+    return run, samples
 
 
 def cell_result(data: dict[str, Any]) -> CellResult:

@@ -140,14 +140,14 @@ def run(o: Options) -> None:
     with Grader() as grader:
         templates = bench.build_templates(s, sc_records, cot_records, grader.same)
     templates = {k: v for k, v in templates.items() if v}
-    planned = bench.plan(s, templates)
     try:
         with _progress() as bar:
             if s.simulate:
+                planned = bench.plan(s, templates)
                 task = bar.add_task("simulating", total=len(planned.cells))
                 planned.results = bench.simulate(planned, lambda: bar.advance(task))
             else:
-                _on_engine(planned, templates, o.cost is None, bar)
+                planned = _on_engine(s, templates, o.cost is None, bar)
     except bench.BenchError as exc:
         raise UserError(str(exc)) from exc
     s = planned.settings
@@ -178,19 +178,26 @@ def run(o: Options) -> None:
         err_console.print(f"plot written to {o.plot}")
 
 
-def _on_engine(planned: bench.Run, templates: dict, fit_first: bool, bar: Progress) -> None:
-    """The cells on the engine, after measuring its step cost in the same session (unless
-    given), so the deadlines' base and the simulator beside the run share its conditions."""
+def _on_engine(s: bench.Settings, templates: dict, fit_first: bool, bar: Progress
+               ) -> bench.Run:
+    """The cells on the engine, after timing its steps in the same session (unless a cost is
+    given): rates, deadlines' base and the simulator beside the run all come from that, since
+    other load on a shared machine changes the engine's speed from one hour to the next."""
     repeats = 1 if fit_first else 0
-    total = sum(len(c.programs) for c in planned.cells) + points(repeats)
-    task = bar.add_task("on the engine (step timings, then programs)", total=total)
-    planned.results, samples = bench.on_engine(planned, lambda: bar.advance(task), repeats)
-    if samples:
-        cost, _ = fit([tuple(x) for x in samples], "fitted in this run")  # type: ignore[misc]
-        s = replace(planned.settings, cost=cost)
-        planned.settings = s
-        planned.base = bench.bases(templates, s.cost, s.capacity)
+    task = bar.add_task("timing the engine's steps, then programs", total=points(repeats))
+
+    def plan_cells(samples: list[list[float]]) -> bench.Run:
+        settings = s
+        if samples:
+            cost, _ = fit([tuple(x) for x in samples], "fitted in this run")  # type: ignore[misc]
+            settings = replace(s, cost=cost)
+        planned = bench.plan(settings, templates)
+        bar.update(task, total=points(repeats) + sum(len(c.programs) for c in planned.cells))
+        return planned
+
+    planned, _ = bench.on_engine(s, repeats, plan_cells, lambda: bar.advance(task))
     planned.simulated = bench.simulate(planned, lambda: None)
+    return planned
 
 
 def _cost(cost: StepCost) -> str:
@@ -200,12 +207,11 @@ def _cost(cost: StepCost) -> str:
 
 
 def _fit(s: bench.Settings, repeats: int) -> None:
-    empty = bench.Run(replace(s, simulate=False), {}, (), [])
     with _progress() as bar:
-        task = bar.add_task("measuring engine steps", total=points(repeats))
+        task = bar.add_task("timing the engine's steps", total=points(repeats))
         try:
             _, samples = bench.on_engine(
-                empty, lambda: bar.advance(task), fit_repeats=repeats,
+                s, repeats, lambda _: bench.Run(s, {}, (), []), lambda: bar.advance(task),
                 on_sample=lambda x: err_console.print(
                     f"step {x[0] * 1000:.1f} ms: {x[1]} running, {x[2]} prefilled, "
                     f"{x[3]} context tokens", style="dim"))

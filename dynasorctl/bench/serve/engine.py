@@ -15,7 +15,7 @@ import json
 import os
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -164,7 +164,9 @@ def engine_args(job: dict[str, Any]) -> Any:
                            seed=0)
 
 
-async def serve_cells(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> None:
+async def serve(job: dict[str, Any], cells: Callable[[], Awaitable[dict[str, Any]]],
+                emit: Callable[[dict[str, Any]], None]) -> None:
+    """Start the engine, time its steps (`job["fit"]` repeats), then run the cells asked for."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
     engine = AsyncLLM.from_engine_args(engine_args(job))
@@ -174,7 +176,8 @@ async def serve_cells(job: dict[str, Any], emit: Callable[[dict[str, Any]], None
             from dynasorctl.bench.serve.fit import measure
 
             await measure(engine, vocab, job["fit"], lambda sample: emit({"sample": sample}))
-        for i, cell in enumerate(job.get("cells", [])):
+        emit({"ready": True})
+        for i, cell in enumerate((await cells()).get("cells", [])):
             programs = [program_from_json(p) for p in cell["programs"]]
             run = CellRun(engine, ARMS[cell["arm"]], job["capacity"], vocab,
                           lambda: emit({"tick": 1}))
@@ -188,15 +191,21 @@ async def serve_cells(job: dict[str, Any], emit: Callable[[dict[str, Any]], None
 
 
 def main() -> None:
+    """Two JSON lines on stdin: the engine and what to measure; once it says it is ready, the
+    cells (planned from the measurement)."""
     # Our results go to the real stdout; anything vLLM prints goes to stderr.
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
-    job = json.load(sys.stdin)
+    job = json.loads(sys.stdin.readline())
 
     def emit(line: dict[str, Any]) -> None:
         out.write(json.dumps(line) + "\n")
 
-    asyncio.run(serve_cells(job, emit))
+    async def cells() -> dict[str, Any]:
+        line = await asyncio.to_thread(sys.stdin.readline)
+        return json.loads(line) if line.strip() else {}
+
+    asyncio.run(serve(job, cells, emit))
 
 
 if __name__ == "__main__":
