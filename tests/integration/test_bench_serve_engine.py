@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_serve_runs_programs_on_the_engine_through_admission():
-    args = [sys.executable, "-m", "dynasorctl.cli", "bench", "serve", "--arms", "fcfs,dynasor",
+    args = [str(Path(sys.executable).with_name("dynasorctl")), "bench", "serve", "--arms",
+            "fcfs,dynasor",
             "--rates", "0.5", "--seeds", "1", "--programs", "6", "--length-scale", "0.015625",
             "--capacity", "4", "--cost", "0.03,0.0023,0.0016,2.7e-6",  # no step-cost fit
             "--sc-traces", str(PACKAGED_SC_SAMPLE), "--cot-traces",
