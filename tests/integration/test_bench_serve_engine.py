@@ -19,7 +19,7 @@ def test_bench_serve_runs_programs_on_the_engine_through_admission():
             "--capacity", "4", "--cost", "0.03,0.0023,0.0016,2.7e-6",  # no step-cost fit
             "--sc-traces", str(PACKAGED_SC_SAMPLE), "--cot-traces",
             str(PACKAGED_SAMPLE), "--format", "json"]
-    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads(done.stdout)
     assert data["mode"].startswith("real engine")
