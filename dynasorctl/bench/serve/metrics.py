@@ -62,8 +62,8 @@ class Summary:
     p99: float | None
     tokens: float  # generated per program, probes included
     probe_tokens: float
-    stopped: float  # share of programs the policy stopped
-    accuracy: float  # share whose replayed answer is right
+    stopped: float  # share of the programs done that the policy stopped
+    accuracy: float  # share of the programs done whose replayed answer is right
 
 
 def summarise(outcomes: Sequence[Outcome]) -> Summary:
@@ -71,9 +71,10 @@ def summarise(outcomes: Sequence[Outcome]) -> Summary:
     p50, p99 = (float(x) for x in np.percentile(latencies, [50, 99])) if latencies else (None,
                                                                                          None)
     n = max(1, len(outcomes))
+    done = [o for o in outcomes if o.finish is not None]
     return Summary(
-        programs=len(outcomes), done=len(latencies), p50=p50, p99=p99,
+        programs=len(outcomes), done=len(done), p50=p50, p99=p99,
         tokens=sum(o.tokens for o in outcomes) / n,
         probe_tokens=sum(o.probe_tokens for o in outcomes) / n,
-        stopped=sum(o.stopped for o in outcomes) / n,
-        accuracy=sum(o.correct for o in outcomes) / n)
+        stopped=sum(o.stopped for o in done) / max(1, len(done)),
+        accuracy=sum(o.correct for o in done) / max(1, len(done)))
