@@ -156,6 +156,8 @@ class ProgramScheduler:
                 p.rewards, REWARD_AGGREGATES.get(p.type, "mean")), now)
 
     def program_done(self, program_id: str, now: float) -> None:
+        for request_id in [r for r, job in self._probes.items() if job.program_id == program_id]:
+            del self._probes[request_id]
         p = self._programs.get(program_id)
         if p is None or p.done:
             return
@@ -165,8 +167,6 @@ class ProgramScheduler:
             self._owner.pop(request_id, None)
         p.queued.clear()
         self._waiting.discard(program_id)
-        for request_id in [r for r, job in self._probes.items() if job.program_id == program_id]:
-            del self._probes[request_id]
         self._settle(p, now)
 
     # --- the decision -------------------------------------------------------------------

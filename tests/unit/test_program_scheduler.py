@@ -328,3 +328,65 @@ async def test_through_admission_probes_jump_the_queue_and_the_kill_switch_resto
         event.set()
     await asyncio.gather(*tasks)
     assert started == ["a/0", "a/p", "b/0", "c/0"]
+
+
+@pytest.mark.parametrize("config", [DYNASOR, PROGRAM_FIFO, Config(gang=False, fairness=1.0)])
+def test_random_traffic_admits_each_request_once_within_capacity_and_leaves_nothing(config):
+    import random
+
+    rng = random.Random(7)
+    s = ProgramScheduler(replace(config, idle_ttl=5.0))
+    queued: set[str] = set()
+    running: set[str] = set()
+    admitted: set[str] = set()
+    done: set[str] = set()
+    owner: dict[str, str] = {}
+    capacity, now, n = 6, 0.0, 0
+    for _ in range(3000):
+        now += rng.random()
+        action = rng.random()
+        if action < 0.3:
+            program = f"p{rng.randrange(40)}"
+            if program in done:
+                continue
+            kind: JobKind = rng.choice(["sample", "cot", "probe", "step"])
+            j = job(f"r{n}", program, now, kind=kind, program_type=rng.choice(["a", "b"]))
+            n += 1
+            s.submit(j, now)
+            queued.add(j.request_id)
+            owner[j.request_id] = program
+        elif action < 0.5 and running:
+            request_id = rng.choice(sorted(running))
+            s.progress(request_id, rng.randrange(1, 500), now)
+            if rng.random() < 0.5:
+                s.finished(request_id, now)
+                running.discard(request_id)
+        elif action < 0.55 and queued:
+            request_id = rng.choice(sorted(queued))  # a client leaves the queue
+            s.finished(request_id, now)
+            queued.discard(request_id)
+        elif action < 0.6:
+            program = f"p{rng.randrange(40)}"
+            s.signal(program, rng.random(), now)
+            s.step_done(program, [rng.random()], now)
+        elif action < 0.63:
+            program = f"p{rng.randrange(40)}"
+            s.program_done(program, now)  # its queued requests are dropped by the caller
+            done.add(program)
+            queued -= {r for r in queued if owner[r] == program}
+        out = s.admit(now, len(running), capacity)
+        assert len(out) <= capacity - len(running)
+        for request_id in out:
+            assert request_id in queued and request_id not in admitted
+            queued.discard(request_id)
+            admitted.add(request_id)
+            running.add(request_id)
+    for request_id in list(running):
+        s.finished(request_id, now)
+    while queued:
+        out = s.admit(now, 0, capacity)
+        assert out, f"{len(queued)} requests queued but none admitted"
+        for request_id in out:
+            queued.discard(request_id)
+            s.finished(request_id, now)
+    assert s.queued_programs == 0
