@@ -12,7 +12,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from dynasorctl.bench.serve.arms import ARMS, CellResult, Outcome
+from dynasorctl.bench.serve.arms import ABLATIONS, ARMS, CellResult, Outcome
 from dynasorctl.bench.serve.bench import Run
 from dynasorctl.bench.serve.metrics import (
     TARGET,
@@ -186,11 +186,12 @@ def plot(run: Run, figs: dict[str, ArmFigures], reference: float, path: Path) ->
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for f in figs.values():
         c = f.curve()
-        (line,) = left.plot(list(c), list(c.values()), marker="o", label=f.name)
+        style = {"linestyle": ":", "marker": "."} if f.name in ABLATIONS else {"marker": "o"}
+        (line,) = left.plot(list(c), list(c.values()), label=f.name, **style)
         if f.simulated is not None:
             left.plot(list(f.simulated), list(f.simulated.values()), linestyle="--",
                       color=line.get_color(), alpha=0.6)
-        right.plot(list(f.slo), list(f.slo.values()), marker="o", label=f.name)
+        right.plot(list(f.slo), list(f.slo.values()), label=f.name, **style)
     for ax in (left, right):
         ax.axhline(TARGET, color="grey", linewidth=0.8, linestyle=":")
         ax.set_ylim(0, 1.02)
