@@ -159,6 +159,7 @@ def engine_python(settings: Settings) -> Path:
 def on_engine(s: Settings, fit_repeats: int, plan_cells: Callable[[list[list[float]]], Run],
               tick: Callable[[], None],
               on_sample: Callable[[list[float]], None] = lambda sample: None,
+              on_cell: Callable[[Cell, CellResult], None] = lambda cell, result: None,
               ) -> tuple[Run, list[list[float]]]:
     """Time the real engine's steps, plan the cells from that, run them on the same engine.
 
@@ -203,8 +204,9 @@ def on_engine(s: Settings, fit_repeats: int, plan_cells: Callable[[list[list[flo
                          "programs": [program_to_json(p) for p in c.programs]}
                         for c in run.cells]}) + "\n")
                     proc.stdin.close()
-                elif "cell" in message:
-                    results[message["cell"]] = cell_result(message["result"])
+                elif "cell" in message and run is not None:
+                    result = results[message["cell"]] = cell_result(message["result"])
+                    on_cell(run.cells[message["cell"]], result)
             code = proc.wait()
         finally:
             if proc.poll() is None:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dynasorctl.bench.serve import bench, overhead, report
-from dynasorctl.bench.serve.arms import ABLATIONS, ARMS, MAIN_ARMS
+from dynasorctl.bench.serve.arms import ABLATIONS, ARMS, MAIN_ARMS, CellResult
 from dynasorctl.bench.serve.fit import fit, points
 from dynasorctl.bench.serve.sim import A100, A100_CAPACITY, CPU, CPU_CAPACITY, StepCost
 from dynasorctl.errors import UserError, err_console
@@ -195,7 +195,13 @@ def _on_engine(s: bench.Settings, templates: dict, fit_first: bool, bar: Progres
         bar.update(task, total=points(repeats) + sum(len(c.programs) for c in planned.cells))
         return planned
 
-    planned, _ = bench.on_engine(s, repeats, plan_cells, lambda: bar.advance(task))
+    def on_cell(cell: bench.Cell, result: CellResult) -> None:
+        done = sum(o.finish is not None for o in result.outcomes)
+        err_console.print(f"{cell.arm} at {cell.rate:g} programs/s, seed {cell.seed}: "
+                          f"{done}/{len(result.outcomes)} programs done", style="dim")
+
+    planned, _ = bench.on_engine(s, repeats, plan_cells, lambda: bar.advance(task),
+                                 on_cell=on_cell)
     planned.simulated = bench.simulate(planned, lambda: None)
     return planned
 
