@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from proxy.scheduler.base import Job, Scheduler
@@ -69,6 +69,10 @@ class Admission:
 
     def program_done(self, program_id: str) -> None:
         self.scheduler.program_done(program_id, self._clock())
+        self._pump()
+
+    def step_done(self, program_id: str, rewards: Sequence[float]) -> None:
+        self.scheduler.step_done(program_id, rewards, self._clock())
         self._pump()
 
     def replace(self, scheduler: Scheduler) -> None:

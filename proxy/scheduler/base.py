@@ -15,10 +15,16 @@ order, and reports back what happened to them.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 JobKind = Literal["cot", "sample", "probe", "step", "other"]
+
+# The program type a job without one belongs to: what its requests are like.
+DEFAULT_TYPES: dict[JobKind, str] = {
+    "cot": "cot", "sample": "sc", "probe": "probe", "step": "step", "other": "other",
+}
 
 
 @dataclass(slots=True)
@@ -31,6 +37,14 @@ class Job:
     arrival: float  # seconds, on the caller's clock
     max_tokens: int | None = None  # the request's own budget, if it set one
     prompt_tokens: int | None = None
+    # What kind of program it belongs to ("sc", "cot", "mcts", "rebase" or a client's own
+    # label): the scheduler learns tokens per request and requests per program per type.
+    program_type: str | None = None
+    budget: int | None = None  # the most requests its program may make (n, max_samples, ...)
+
+    @property
+    def type(self) -> str:
+        return self.program_type or DEFAULT_TYPES[self.kind]
 
 
 class Scheduler(Protocol):
@@ -53,6 +67,14 @@ class Scheduler(Protocol):
 
     def program_done(self, program_id: str, now: float) -> None:
         """A program needs nothing more: its queued requests are dropped by the caller."""
+
+    def step_done(self, program_id: str, rewards: Sequence[float], now: float) -> None:
+        """A multi-step program (tree search, rebase) finished a step.
+
+        `rewards` are the reward model's scores in [0, 1] of what the step produced (MCTS:
+        the rollouts that reached an answer; rebase: the step's candidates). The scheduler
+        turns them into the program's reward certaindex (`proxy.core.certaindex`).
+        """
 
 
 class Fcfs:
@@ -81,4 +103,7 @@ class Fcfs:
         pass
 
     def program_done(self, program_id: str, now: float) -> None:
+        pass
+
+    def step_done(self, program_id: str, rewards: Sequence[float], now: float) -> None:
         pass
