@@ -37,7 +37,8 @@ def test_calibrate_with_trials_writes_a_policy_that_takes_them(tmp_path: Path) -
                              str(PACKAGED_TRIALS), "--max-accuracy-drop", "40", "--out",
                              str(policy)], tmp_path / "cache")
     assert exc is None and code == 0, out
-    assert "never stop" in out and "paper default" in out and "trial>=" in out
+    assert "never stop" in out and "paper default" in out and "(previous best)" in out
+    assert "trial>=" in out
     pf = load_policy_file(policy)
     assert pf.version == 2 and pf.cot is not None
     rule = pf.cot.transition
