@@ -128,6 +128,9 @@ def enforce(
         "--traces", help="Trace file to send: chain-of-thought traces, or self-consistency programs "
         "for an sc policy.")],
     policy: Annotated[Path, typer.Option("--policy", help="Policy file to enforce (TOML).")],
+    trials: Annotated[list[Path] | None, typer.Option(
+        "--trials", help="Trials recorded for the traces (repeatable; joined by trace_id), for "
+        "policies that take trials at transition words.")] = None,
     tokens_per_second: Annotated[float, typer.Option(
         min=0, help="Replay speed per stream (far above it, probes fall behind the stream).")] = 500.0,
     concurrency: Annotated[int, typer.Option(min=1, help="Problems in flight at once.")] = 8,
@@ -138,20 +141,38 @@ def enforce(
     from rich.table import Table
 
     from dynasorctl.bench import enforce_bench
+    from dynasorctl.calibration.evaluate import check_trials
     from dynasorctl.calibration.policyfile import read_policy_file
     from dynasorctl.traces import TraceFileError, load_cot, load_sc
+    from dynasorctl.trials import load_trials
+    from proxy.pipeline.probe import ENFORCED_TRIGGERS
 
     pf = read_policy_file(policy)
     try:
         records = load_sc(traces) if pf.kind == "sc" else load_cot(traces)
+        recorded = load_trials(trials) if trials else None
     except TraceFileError as exc:
         raise UserError(f"{exc} (the policy is a {pf.kind} policy)") from exc
+    if recorded is not None and pf.kind == "sc":
+        raise UserError("trial files go with chain-of-thought traces, not self-consistency "
+                        "programs")
     records = records[:limit] if limit else records
+    if pf.cot is not None:
+        check_trials(pf.cot, recorded.setup if recorded is not None else None)
+        missing = [t.trace_id for t in records  # type: ignore[union-attr]
+                   if recorded is not None and t.trace_id not in recorded.by_trace]
+        if missing:
+            raise UserError(f"trace {missing[0]} has no trials in "
+                            f"{', '.join(map(str, trials or []))} ({len(missing)} traces lack them)")
+        unenforced = sorted(pf.cot.triggers - ENFORCED_TRIGGERS)
+        if unenforced:
+            err_console.print(f"[yellow]note:[/] this proxy does not enforce "
+                              f"{', '.join(unenforced)} yet: observed will fall short of predicted")
     console = Console()
     with Progress(console=console) as bar:
         task = bar.add_task("through the enforcing proxy", total=len(records))
         predicted, observed = enforce_bench.run(traces, records, policy, pf, tokens_per_second,
-                                                concurrency, lambda: bar.advance(task))
+                                                concurrency, lambda: bar.advance(task), recorded)
     what = "programs" if pf.kind == "sc" else "traces"
     table = Table(title=f"{policy.name} on {len(records)} {what} of {traces.name}")
     for col in ("", "evaluate (predicted)", "through the proxy (observed)", "difference"):

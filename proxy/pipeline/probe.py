@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 # Probe points that may wait for the probe in flight; past this the upstream is
 # too slow for the probe schedule and further points are skipped (and counted).
 MAX_WAITING = 4
+# The chain-of-thought triggers (`CotPolicy.triggers`) this proxy enforces so far; a policy
+# using others is still decided on its periodic probes alone.
+ENFORCED_TRIGGERS: frozenset[str] = frozenset({"periodic"})
 
 
 @dataclass(slots=True)
