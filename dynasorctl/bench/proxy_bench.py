@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
@@ -381,10 +380,6 @@ def _stats(fake: Server) -> dict[str, int]:
     return {k: int(v) for k, v in json.loads(fake.get("/stats")).items()}
 
 
-METRIC_LINE = re.compile(r'^(dynasor_[a-z_]+?)(?:_total)?(?:\{status="([a-z]+)"\})? (\d+)$',
-                         re.MULTILINE)
-
-
 def _proxy_counters(server: Server, setup: Setup) -> dict[str, int]:
     """dynasor's probe outcomes and record counts, from its /metrics."""
     if setup.probe_rate is None:
@@ -394,12 +389,15 @@ def _proxy_counters(server: Server, setup: Setup) -> dict[str, int]:
 
 def parse_counters(text: str) -> dict[str, int]:
     """`probes_<status>`, `records_written` and `records_dropped` from dynasor's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, int] = {}
-    for name, status, value in METRIC_LINE.findall(text):
-        if name == "dynasor_probes" and status:
-            out[f"probes_{status}"] = int(value)
-        elif name in ("dynasor_records_written", "dynasor_records_dropped"):
-            out[name.removeprefix("dynasor_")] = int(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "dynasor_probes_total":
+                out[f"probes_{sample.labels['status']}"] = int(sample.value)
+            elif sample.name in ("dynasor_records_written_total", "dynasor_records_dropped_total"):
+                out[sample.name.removeprefix("dynasor_").removesuffix("_total")] = int(sample.value)
     return out
 
 

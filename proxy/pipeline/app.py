@@ -21,10 +21,11 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+from proxy.control.health import Readiness
 from proxy.control.plan import Control
 from proxy.core.policy import ScPolicy
 from proxy.core.treatment import OPT_HEADER, Mode
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, exposition, registry
 from proxy.pipeline.assemble import SampleStream, streaming_body
 from proxy.pipeline.endings import Endings
 from proxy.pipeline.equivalence import AsyncEquivalence
@@ -58,6 +59,7 @@ from proxy.upstream.http import HttpUpstream
 log = logging.getLogger(__name__)
 
 OBSERVED = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+OPERATOR_PATHS = frozenset({"/metrics", "/health", "/health/live", "/health/ready"})
 
 
 class ProxyApp:
@@ -69,6 +71,7 @@ class ProxyApp:
     ) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.registry = registry(self.metrics)
         self.upstream: Upstream = upstream or HttpUpstream(
             settings.upstream_url,
             settings.connect_timeout_s,
@@ -83,18 +86,21 @@ class ProxyApp:
         self._finalizing: set[asyncio.Task[None]] = set()
         self.control = Control(settings, self.metrics)
         self.endings = Endings(settings, self.metrics, self.upstream, self.programs)
+        self.readiness = Readiness(self.upstream)
 
     # -- lifecycle ---------------------------------------------------------
 
     async def startup(self) -> None:
         if self._write is None:
-            from proxy.store.db import open_store
+            from proxy.store.db import check_writable, open_store
 
             engine = await asyncio.to_thread(open_store, self.settings.db_url)
             self._write = partial(write_records, engine)
+            self.readiness.store_check = partial(check_writable, engine)
             await self.control.start(engine)
-        self.recorder = Recorder(self._write, self.metrics, self.settings.record_queue_size)
-        self.recorder.start()
+        recorder = self.recorder = Recorder(self._write, self.metrics, self.settings.record_queue_size)
+        self.metrics.record_queue_depth = lambda: recorder.pending
+        recorder.start()
         self.equivalence.warm()
 
     async def shutdown(self) -> None:
@@ -122,11 +128,8 @@ class ProxyApp:
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
-        if path == "/health" and method == "GET":
-            await respond(send, 200, json.dumps(self.health()).encode(), JSON_HEADERS)
-        elif path == "/metrics" and method == "GET":
-            text = self.metrics.render(lambda: self.recorder.pending if self.recorder else 0)
-            await respond(send, 200, text.encode(), [(b"content-type", b"text/plain; version=0.0.4")])
+        if method == "GET" and path in OPERATOR_PATHS:
+            await self._operator(path, scope, send)
         elif path in OBSERVED and method == "POST":
             await self._observed(scope, receive, send, OBSERVED[path])
         else:
@@ -146,6 +149,22 @@ class ProxyApp:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _operator(self, path: str, scope: Scope, send: Send) -> None:
+        """The proxy's own endpoints: metrics, health, and the probes Kubernetes expects."""
+        if path == "/metrics":
+            body, content_type = exposition(self.registry, header(scope["headers"], b"accept"))
+            await respond(send, 200, body, [(b"content-type", content_type.encode())])
+            return
+        status, answer = 200, {"status": "alive"}
+        if path == "/health":
+            answer = self.health()
+        elif path == "/health/ready":
+            rec = self.recorder
+            ready, checks = await self.readiness.check(rec is not None, rec is None or rec.healthy)
+            status, answer = (200 if ready else 503), {"status": "ready" if ready else "not ready",
+                                                      "checks": checks}
+        await respond(send, status, json.dumps(answer).encode(), JSON_HEADERS)
 
     def health(self) -> dict[str, Any]:
         rec = self.recorder

@@ -21,7 +21,7 @@ from dynasorctl.bench.fake_upstream import STREAM_TOKENS, FakeUpstream
 from dynasorctl.bench.processes import Server, free_port
 from dynasorctl.commands import bench as bench_command
 from dynasorctl.errors import UserError
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, exposition, registry
 from proxy.pipeline.sse import SseReader
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "What is 6 * 7?"}]}
@@ -167,7 +167,7 @@ def test_dynasor_counters_are_read_from_its_metrics():
     metrics = Metrics()
     metrics.probes.update({"ok": 3, "cancelled": 2})
     metrics.records_written = 7
-    counters = proxy_bench.parse_counters(metrics.render())
+    counters = proxy_bench.parse_counters(exposition(registry(metrics))[0].decode())
     assert counters == {"probes_ok": 3, "probes_cancelled": 2, "records_written": 7,
                         "records_dropped": 0}
 

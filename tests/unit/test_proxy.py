@@ -279,7 +279,7 @@ async def test_other_paths_pass_through_and_health_metrics_are_ours():
     assert models.content == b'{"data":[]}' and other.status_code == 200
     assert [c.path for c in upstream.calls] == ["/v1/models", "/v1/embeddings"]
     assert health.json()["status"] == "ok"
-    assert 'dynasor_requests_total{endpoint="/v1/models",code="200"} 1' in metrics.text
+    assert 'dynasor_requests_total{code="200",endpoint="/v1/models"} 1.0' in metrics.text
     assert sink.records == []  # only completions are recorded
 
 
