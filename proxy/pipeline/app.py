@@ -25,6 +25,7 @@ from proxy.control.health import Readiness
 from proxy.control.plan import Control
 from proxy.core.policy import ScPolicy
 from proxy.core.treatment import OPT_HEADER, Mode
+from proxy.logs import REQUEST_ID
 from proxy.metrics import Metrics, exposition, registry
 from proxy.pipeline.assemble import SampleStream, streaming_body
 from proxy.pipeline.endings import Endings
@@ -53,6 +54,7 @@ from proxy.pipeline.samples import ProgramRun, Sample, program_outcome
 from proxy.pipeline.sse import error_body, error_frame
 from proxy.settings import Settings
 from proxy.store.recorder import Record, Recorder, write_records
+from proxy.tracing import Tracing, from_settings
 from proxy.upstream.base import Headers, Upstream, UpstreamError, forwardable
 from proxy.upstream.http import HttpUpstream
 
@@ -68,8 +70,10 @@ class ProxyApp:
         settings: Settings,
         upstream: Upstream | None = None,
         write: Callable[[Sequence[Record]], None] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing or from_settings(settings)
         self.metrics = Metrics()
         self.registry = registry(self.metrics)
         self.upstream: Upstream = upstream or HttpUpstream(
@@ -111,6 +115,8 @@ class ProxyApp:
             await self.recorder.close()
         await self.upstream.aclose()
         self.equivalence.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
 
     async def __aenter__(self) -> ProxyApp:
         await self.startup()
@@ -204,6 +210,7 @@ class ProxyApp:
         body = json_object(raw)
         headers: Headers = scope["headers"]
         ex = Exchange(uuid.uuid4().hex, kind, body, started, None, None, None, client_headers=headers)
+        REQUEST_ID.set(ex.request_id)  # for log lines, here and in the tasks this request starts
         if body is not None:
             stream = bool(body.get("stream"))
             n = body.get("n") if isinstance(body.get("n"), int) else 1
@@ -396,6 +403,8 @@ class ProxyApp:
             if verdict is not None:  # this sample's answer stopped its program
                 record.request.update(decision_token=verdict.samples, decision_answer=verdict.answer)
         self.recorder.put(record)
+        if self.tracing is not None:
+            self.tracing.request(ex, record)
         if ex.plan is not None:
             req = record.request
             # A tagged program has no last sample to compare its verdict with: errors and latency only.
@@ -416,8 +425,10 @@ def create_app(
     settings: Settings,
     upstream: Upstream | None = None,
     write: Callable[[Sequence[Record]], None] | None = None,
+    tracing: Tracing | None = None,
 ) -> ProxyApp:
-    """The proxy; `upstream` and `write` replace the HTTP upstream and the store (tests)."""
-    return ProxyApp(settings, upstream, write)
+    """The proxy; `upstream`, `write` and `tracing` replace the HTTP upstream, the store and
+    the OTLP exporter set by `settings` (tests)."""
+    return ProxyApp(settings, upstream, write, tracing)
 
 
