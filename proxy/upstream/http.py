@@ -15,20 +15,38 @@ import aiohttp
 from proxy.upstream.base import REQUEST_ONLY, Headers, UpstreamError, UpstreamResponse, forwardable
 
 
+class _Chunks:
+    """The body as it arrives: one `readany` per step (no async generator or aiohttp
+    iterator between it and the relay: this runs once per chunk), errors mapped."""
+
+    __slots__ = ("_read",)
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._read = resp.content.readany
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._read()
+        except asyncio.TimeoutError as exc:
+            raise UpstreamError("timeout", "upstream went silent mid-response") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError("broken", f"upstream broke off the response: {exc}") from exc
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+
 @dataclass
 class _AiohttpResponse:
     status: int
     headers: Headers
     _resp: aiohttp.ClientResponse
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._resp.content.iter_any():
-                yield chunk
-        except asyncio.TimeoutError as exc:
-            raise UpstreamError("timeout", "upstream went silent mid-response") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError("broken", f"upstream broke off the response: {exc}") from exc
+    def chunks(self) -> AsyncIterator[bytes]:
+        return _Chunks(self._resp)
 
     async def aclose(self) -> None:
         # Closing an unfinished response drops the connection, which is how the
