@@ -16,6 +16,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from dynasorctl.stack import free_port
+from dynasorctl.stack import free_port
 from proxy.pipeline.app import create_app
 from proxy.settings import Settings
 from proxy.tracing import Tracing, TracingUnavailable, from_settings, traces_url
@@ -171,3 +173,16 @@ def test_with_tracing_off_the_proxy_does_not_even_import_opentelemetry():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          check=True, env={k: v for k, v in os.environ.items() if not k.startswith("DYNASOR_")})
     assert out.stdout.strip() == "None []"
+
+
+def test_the_cli_says_which_extra_to_install(tmp_path):
+    """Run as an operator would, without the OpenTelemetry packages importable."""
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text("import sys\nsys.modules['opentelemetry.exporter.otlp.proto.http.trace_exporter'] = None\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYNASOR_")}
+    env["PYTHONPATH"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "dynasorctl", "observe", "--otlp-endpoint", "http://127.0.0.1:4318",
+                          "--db", f"sqlite:///{tmp_path / 'd.db'}", "--port", str(free_port())],
+                         capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert out.returncode == 2
+    assert "pip install 'dynasor[otel]'" in out.stderr and "Traceback" not in out.stderr
