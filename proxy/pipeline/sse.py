@@ -30,20 +30,22 @@ DONE_TAIL = b"\n\ndata: [DONE]"
 
 
 def payload_array(raw: bytes) -> bytes | None:
-    """The payloads of a whole stream as the text of one JSON array (`[DONE]` left out), when
-    every event is one `data: ` line (as vLLM and SGLang send them); None for any other shape,
-    which `SseReader` then reads. A few C-speed byte operations instead of a split per event."""
-    if not raw.startswith(b"data: ") or b"\r" in raw:
+    """The payloads of a whole stream as the text of one JSON array (`[DONE]` left out).
+
+    Valid JSON exactly when every event is one `data: ` line, as vLLM and SGLang send them:
+    any other line (a comment, `event:`, `id:`, a second data line, CRLF framing) leaves
+    text that is not JSON, so the caller's parse fails and it reads event by event. A few
+    C-speed byte operations instead of a split per event; None when it cannot be plain.
+    """
+    if not raw.startswith(b"data: "):
         return None
     body = raw[6:].rstrip(b"\n")
     if body.endswith(DONE_TAIL):
         body = body[:-len(DONE_TAIL)]
     elif body == b"[DONE]":
         return b"[]"
-    # Every newline left must belong to an event separator; else some line is not a data line.
-    if body.count(b"\n") != 2 * body.count(b"\n\ndata: "):
-        return None
-    return b"[" + body.replace(b"\n\ndata: ", b",") + b"]"
+    # JSON strings hold no raw newline, so every separator found is a real one.
+    return b"".join((b"[", body.replace(b"\n\ndata: ", b","), b"]"))
 
 
 def error_frame(message: str, type_: str = "upstream_error", code: int = 502) -> bytes:
