@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -15,5 +14,5 @@ class UserError(Exception):
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print `message` as the command's error and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}")  # its brackets are text
+    err_console.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code)

@@ -55,7 +55,8 @@ def from_settings(settings: Settings) -> Tracing | None:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError as exc:
         raise TracingUnavailable(
-            "otlp_endpoint needs the OpenTelemetry packages: pip install 'dynasor[otel]'") from exc
+            "otlp_endpoint needs dynasor's otel extra, the OpenTelemetry SDK and its OTLP exporter: "
+            "pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-http") from exc
     provider = TracerProvider(resource=Resource.create({"service.name": "dynasor"}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_url(settings.otlp_endpoint))))
     return Tracing(provider)

@@ -156,7 +156,7 @@ async def test_spans_reach_an_otlp_http_collector():
 
 def test_otlp_endpoint_without_the_extra_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
-    with pytest.raises(TracingUnavailable, match=r"pip install 'dynasor\[otel\]'"):
+    with pytest.raises(TracingUnavailable, match="otel extra"):
         from_settings(Settings(otlp_endpoint="http://127.0.0.1:4318"))
 
 
@@ -185,4 +185,5 @@ def test_the_cli_says_which_extra_to_install(tmp_path):
                           "--db", f"sqlite:///{tmp_path / 'd.db'}", "--port", str(free_port())],
                          capture_output=True, text=True, timeout=120, env=env, check=False)
     assert out.returncode == 2
-    assert "pip install 'dynasor[otel]'" in out.stderr and "Traceback" not in out.stderr
+    assert "otel extra" in out.stderr and "pip install opentelemetry-sdk" in out.stderr
+    assert "Traceback" not in out.stderr
