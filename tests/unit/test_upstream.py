@@ -10,7 +10,7 @@ import pytest
 import uvicorn
 
 from proxy.upstream.base import UpstreamError
-from proxy.upstream.http import HttpUpstream
+from proxy.upstream.http import HIGH_WATER, HttpUpstream
 
 
 async def echo(scope, receive, send):
@@ -114,3 +114,145 @@ async def test_silent_upstream_maps_to_timeout(server):
     finally:
         await up.aclose()
     assert err.value.kind == "timeout" and err.value.status == 504
+
+
+# -- exact wire cases, against a raw TCP server that writes scripted bytes -------------------
+
+Script = list  # of bytes to write, floats: seconds to wait, "eof": wait for the client to go, None: close
+
+
+@pytest.fixture
+async def raw_server():
+    """Serves, per accepted connection, the next script; records what each request sent."""
+    scripts: list[Script] = []
+    seen: list[bytes] = []
+    closed = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while scripts:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                seen.append(head + await reader.readexactly(length))
+                for step in scripts.pop(0):
+                    if step is None:
+                        writer.close()
+                        return
+                    if step == "eof":
+                        await reader.read()
+                        closed.set()
+                    elif isinstance(step, float):
+                        await asyncio.sleep(step)
+                    else:
+                        writer.write(step)
+                        await writer.drain()
+            await reader.read()  # until the client closes
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            closed.set()
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", scripts, seen, closed
+    server.close()
+    await server.wait_closed()
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+async def test_a_chunked_body_split_anyhow_arrives_whole_and_the_connection_is_kept(raw_server):
+    url, scripts, seen, _ = raw_server
+    body = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    scripts.append([CHUNKED, *(bytes([b]) for b in body)])  # a byte a write
+    scripts.append([b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"])
+    up = HttpUpstream(url)
+    try:
+        first = await up.send("POST", "/v1/chat/completions", [(b"x-k", b"v")], b"{}")
+        assert (first.status, await _read(first)) == (200, b"hello world")
+        await first.aclose()
+        second = await up.send("GET", "/v1/models", [], b"")
+        assert await _read(second) == b"ok"
+        await second.aclose()
+    finally:
+        await up.aclose()
+    assert len(seen) == 2  # both requests on the one kept-alive connection
+    assert seen[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert b"\r\nx-k: v\r\n" in seen[0] and b"\r\ncontent-length: 2\r\n\r\n{}" in seen[0]
+
+
+async def test_a_body_ended_by_the_connection_closing_is_complete(raw_server):
+    url, scripts, _, _ = raw_server
+    scripts.append([b"HTTP/1.0 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: 1\n\n", 0.05,
+                    b"data: 2\n\n", None])
+    up = HttpUpstream(url)
+    try:
+        resp = await up.send("POST", "/", [], b"")
+        assert await _read(resp) == b"data: 1\n\ndata: 2\n\n"
+    finally:
+        await up.aclose()
+
+
+@pytest.mark.parametrize("script, kind, words", [
+    ([CHUNKED, b"5\r\nhel", None], "broken", "closed the connection"),
+    ([b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc", None], "broken", "closed the connection"),
+    ([b"NOT HTTP AT ALL\r\n\r\n"], "broken", "malformed"),
+    ([CHUNKED, b"5\r\nhello\r\n", 2.0], "timeout", "silent mid-response"),
+])
+async def test_a_body_cut_short_or_garbled_or_stalled_is_an_upstream_error(raw_server, script, kind, words):
+    url, scripts, _, _ = raw_server
+    scripts.append(script)
+    up = HttpUpstream(url, read_timeout_s=0.3)
+    try:
+        with pytest.raises(UpstreamError) as err:
+            await _read(await up.send("POST", "/", [], b""))
+    finally:
+        await up.aclose()
+    assert err.value.kind == kind and words in str(err.value)
+
+
+async def test_an_interim_response_is_skipped_and_head_gets_no_body(raw_server):
+    url, scripts, _, _ = raw_server
+    scripts.append([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nyes"])
+    scripts.append([b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n"])
+    up = HttpUpstream(url)
+    try:
+        resp = await up.send("POST", "/", [], b"")
+        assert (resp.status, await _read(resp)) == (200, b"yes")
+        await resp.aclose()
+        head = await asyncio.wait_for(up.send("HEAD", "/", [], b""), 10)
+        assert (head.status, await _read(head)) == (200, b"")
+        assert (b"content-length", b"1000") in head.headers
+        await head.aclose()
+    finally:
+        await up.aclose()
+
+
+async def test_leaving_mid_stream_drops_the_connection(raw_server):
+    url, scripts, _, closed = raw_server
+    scripts.append([CHUNKED, b"5\r\nhello\r\n", "eof"])
+    up = HttpUpstream(url)
+    try:
+        resp = await up.send("POST", "/", [], b"")
+        assert await resp.__anext__() == b"hello"
+        await resp.aclose()
+        await asyncio.wait_for(closed.wait(), 10)  # the server saw its client go: the engine stops
+    finally:
+        await up.aclose()
+
+
+async def test_a_reader_that_falls_behind_pauses_the_upstream(raw_server):
+    url, scripts, _, _ = raw_server
+    piece = b"x" * 65536
+    scripts.append([b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (64 * len(piece)), *[piece] * 64])
+    up = HttpUpstream(url)
+    try:
+        resp = await up.send("POST", "/", [], b"")
+        await asyncio.sleep(0.5)  # not reading: what is buffered stays bounded
+        assert resp._buffered <= HIGH_WATER + 2 * len(piece)
+        assert len(await _read(resp)) == 64 * len(piece)  # and nothing is lost
+    finally:
+        await up.aclose()
