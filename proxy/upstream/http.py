@@ -88,6 +88,7 @@ class HttpResponse:
         self.head: asyncio.Future[None] = self._loop.create_future()
         self.complete = False
         self.until_close = False  # neither a length nor chunked: the body ends with the connection
+        self.keep_alive = False  # the connection may carry the next request
         self._no_body = no_body  # a HEAD request's response: headers only
         self._error: UpstreamError | None = None
         self._buffer: deque[bytes] = deque()
@@ -109,6 +110,7 @@ class HttpResponse:
             self.headers = []
             return
         self.status = status
+        self.keep_alive = self.parser.should_keep_alive()  # here: llhttp resets it at the end
         names = {k for k, _ in self.headers}
         self.until_close = b"content-length" not in names and b"transfer-encoding" not in names \
             and status not in (204, 304)
@@ -205,7 +207,7 @@ class HttpResponse:
         if not self.complete:
             self._conn.close()  # dropping the connection is how the engine learns to stop
         self._conn.response = None
-        self._release(self._conn, self.complete and not self._no_body and self.parser.should_keep_alive())
+        self._release(self._conn, self.complete and not self._no_body and self.keep_alive)
 
 
 class HttpUpstream:

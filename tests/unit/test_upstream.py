@@ -127,8 +127,10 @@ async def raw_server():
     scripts: list[Script] = []
     seen: list[bytes] = []
     closed = asyncio.Event()
+    connections: list[int] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
         try:
             while scripts:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -156,7 +158,7 @@ async def raw_server():
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", scripts, seen, closed
+    yield f"http://127.0.0.1:{port}", scripts, seen, closed, connections
     server.close()
     await server.wait_closed()
 
@@ -165,7 +167,7 @@ CHUNKED = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encod
 
 
 async def test_a_chunked_body_split_anyhow_arrives_whole_and_the_connection_is_kept(raw_server):
-    url, scripts, seen, _ = raw_server
+    url, scripts, seen, _, connections = raw_server
     body = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
     scripts.append([CHUNKED, *(bytes([b]) for b in body)])  # a byte a write
     scripts.append([b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"])
@@ -179,13 +181,13 @@ async def test_a_chunked_body_split_anyhow_arrives_whole_and_the_connection_is_k
         await second.aclose()
     finally:
         await up.aclose()
-    assert len(seen) == 2  # both requests on the one kept-alive connection
+    assert len(seen) == 2 and len(connections) == 1  # both requests on one kept-alive connection
     assert seen[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
     assert b"\r\nx-k: v\r\n" in seen[0] and b"\r\ncontent-length: 2\r\n\r\n{}" in seen[0]
 
 
 async def test_a_body_ended_by_the_connection_closing_is_complete(raw_server):
-    url, scripts, _, _ = raw_server
+    url, scripts, _, _, connections = raw_server
     scripts.append([b"HTTP/1.0 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: 1\n\n", 0.05,
                     b"data: 2\n\n", None])
     up = HttpUpstream(url)
@@ -203,7 +205,7 @@ async def test_a_body_ended_by_the_connection_closing_is_complete(raw_server):
     ([CHUNKED, b"5\r\nhello\r\n", 2.0], "timeout", "silent mid-response"),
 ])
 async def test_a_body_cut_short_or_garbled_or_stalled_is_an_upstream_error(raw_server, script, kind, words):
-    url, scripts, _, _ = raw_server
+    url, scripts, _, _, connections = raw_server
     scripts.append(script)
     up = HttpUpstream(url, read_timeout_s=0.3)
     try:
@@ -215,7 +217,7 @@ async def test_a_body_cut_short_or_garbled_or_stalled_is_an_upstream_error(raw_s
 
 
 async def test_an_interim_response_is_skipped_and_head_gets_no_body(raw_server):
-    url, scripts, _, _ = raw_server
+    url, scripts, _, _, connections = raw_server
     scripts.append([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nyes"])
     scripts.append([b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n"])
     up = HttpUpstream(url)
@@ -232,7 +234,7 @@ async def test_an_interim_response_is_skipped_and_head_gets_no_body(raw_server):
 
 
 async def test_leaving_mid_stream_drops_the_connection(raw_server):
-    url, scripts, _, closed = raw_server
+    url, scripts, _, closed, connections = raw_server
     scripts.append([CHUNKED, b"5\r\nhello\r\n", "eof"])
     up = HttpUpstream(url)
     try:
@@ -245,7 +247,7 @@ async def test_leaving_mid_stream_drops_the_connection(raw_server):
 
 
 async def test_a_reader_that_falls_behind_pauses_the_upstream(raw_server):
-    url, scripts, _, _ = raw_server
+    url, scripts, _, _, connections = raw_server
     piece = b"x" * 65536
     scripts.append([b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (64 * len(piece)), *[piece] * 64])
     up = HttpUpstream(url)
