@@ -29,13 +29,15 @@ _END = b""  # handed to a waiting reader: the body is complete
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection; carries one response at a time."""
+    """One keep-alive connection; carries one response at a time, through one parser
+    (made once: making one per response cost more than parsing it)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.response: HttpResponse | None = None
         self.closed = False
+        self.parser = httptools.HttpResponseParser(self)
 
     # -- asyncio protocol ----------------------------------------------------
 
@@ -49,7 +51,7 @@ class _Connection(asyncio.Protocol):
             return
         resp.last = self.loop.time()
         try:
-            resp.parser.feed_data(data)
+            self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             resp.fail(UpstreamError("broken", f"upstream sent malformed HTTP: {exc}"))
             self.close()
@@ -72,6 +74,20 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    # -- parser callbacks (httptools), for the response being read ----------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.response.headers.append((name.lower(), value))  # type: ignore[union-attr]
+
+    def on_headers_complete(self) -> None:
+        self.response.headers_complete()  # type: ignore[union-attr]
+
+    def on_body(self, body: bytes) -> None:
+        self.response.body(body)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        self.response.message_complete()  # type: ignore[union-attr]
+
 
 class HttpResponse:
     """A response being read: status and headers once `head` is done, then the body."""
@@ -82,7 +98,7 @@ class HttpResponse:
         self._release = release  # hands the connection back (kept alive or dropped)
         self._closed = False
         self._loop = conn.loop
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = conn.parser
         self.status = 0
         self.headers: Headers = []
         self.head: asyncio.Future[None] = self._loop.create_future()
@@ -99,12 +115,9 @@ class HttpResponse:
         self.last = self._loop.time()
         self._timer = self._loop.call_at(self.last + read_timeout_s, self._watch)
 
-    # -- parser callbacks (httptools) ---------------------------------------
+    # -- from the parser ------------------------------------------------------
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
+    def headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # an interim response: the real one follows
             self.headers = []
@@ -120,7 +133,7 @@ class HttpResponse:
             self._conn.close()  # the parser would wait for the body a HEAD answer never has
             self.finish()
 
-    def on_body(self, body: bytes) -> None:
+    def body(self, body: bytes) -> None:
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -133,7 +146,7 @@ class HttpResponse:
             self._paused = True
             self._conn.transport.pause_reading()
 
-    def on_message_complete(self) -> None:
+    def message_complete(self) -> None:
         if self.status:  # not the end of an interim response
             self.finish()
 
