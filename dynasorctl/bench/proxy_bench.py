@@ -74,6 +74,7 @@ SETUP_KEYS = tuple(s.key for s in SETUPS)
 # Targets for dynasor with probing off (reported, never asserted).
 TARGET_ADDED_P50_MS = 0.5
 TARGET_STREAM_SHARE = 0.80
+TARGET_FLOOR_SHARE = 1.0  # at or above the thin pass-through
 TARGET_CPU_MS_PER_STREAM = 1.0
 
 # A load core busier than this (wrk plus, behind a proxy, the fake upstream) caps the run.
@@ -165,6 +166,7 @@ class Figures:
     stream_rps: float | None
     stream_load_bound: bool
     stream_share: float | None  # of direct's streaming throughput
+    floor_share: float | None  # of the floor's streaming throughput (same run)
     cpu_ms_per_stream: float | None
     probe_requests: int | None  # seen by the fake upstream during the streaming run
     errors: int
@@ -174,6 +176,7 @@ def figures(bench: Bench) -> dict[str, Figures]:
     """Each setup's figures, relative ones against `direct` (when it was measured)."""
     out: dict[str, Figures] = {}
     base_lat, base_stream = bench.cell("direct", "latency"), bench.cell("direct", "streaming")
+    floor_stream = bench.cell("floor", "streaming")
     for key in bench.setups:
         lat, cap, stream = (bench.cell(key, w.key) for w in WORKLOADS)
         relative = key != "direct"
@@ -187,13 +190,20 @@ def figures(bench: Bench) -> dict[str, Figures]:
             cpu_ms_per_request=cap.cpu_ms_per_request if cap else None,
             stream_rps=stream.load.rps if stream else None,
             stream_load_bound=bool(stream and stream.load_bound),
-            stream_share=(stream.load.rps / base_stream.load.rps
-                          if stream and base_stream and base_stream.load.rps else None),
+            stream_share=_ratio(stream, base_stream),
+            floor_share=_ratio(stream, floor_stream),
             cpu_ms_per_stream=stream.cpu_ms_per_request if stream else None,
             probe_requests=stream.upstream.get("probes") if stream and relative else None,
             errors=sum(c.load.errors for c in (lat, cap, stream) if c),
         )
     return out
+
+
+def _ratio(cell: Cell | None, base: Cell | None) -> float | None:
+    """`cell`'s throughput over `base`'s."""
+    if cell is None or base is None or not base.load.rps:
+        return None
+    return cell.load.rps / base.load.rps
 
 
 def _minus(cell: Cell | None, base: Cell | None, name: str) -> float | None:
@@ -223,6 +233,8 @@ def targets(figs: dict[str, Figures]) -> list[Target]:
          lambda v: v <= TARGET_ADDED_P50_MS),
         ("stream_share", "streaming throughput, share of direct", f">= {TARGET_STREAM_SHARE:.0%}",
          lambda v: v >= TARGET_STREAM_SHARE),
+        ("floor_share", "streaming throughput, share of the floor", f">= {TARGET_FLOOR_SHARE:.0%}",
+         lambda v: v >= TARGET_FLOOR_SHARE),
         ("cpu_ms_per_stream", f"proxy CPU per {STREAM_TOKENS}-chunk stream, ms",
          f"<= {TARGET_CPU_MS_PER_STREAM}", lambda v: v <= TARGET_CPU_MS_PER_STREAM),
     ]
