@@ -2,6 +2,9 @@
 
 No parsing, no observing, no recording: read the body, forward it, relay the
 response chunk by chunk. Whatever dynasor costs beyond this is dynasor's own.
+`--client dynasor` relays through dynasor's own upstream client instead of
+aiohttp: the relay alone, so the difference to `dynasorctl observe` is what
+observing costs.
 Run it as its own process: `python -m dynasorctl.bench.floor_proxy --upstream URL --port P`.
 """
 
@@ -53,15 +56,51 @@ class FloorProxy:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+class RelayOnly:
+    """The same pass-through on dynasor's upstream client (`proxy.upstream.http`)."""
+
+    def __init__(self, upstream: str) -> None:
+        from proxy.upstream.http import HttpUpstream
+
+        self.upstream = HttpUpstream(upstream)
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        from proxy.upstream.base import forwardable
+
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await self.upstream.aclose()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        resp = await self.upstream.send(scope["method"], scope["path"], scope["headers"], body)
+        try:
+            await send({"type": "http.response.start", "status": resp.status,
+                        "headers": forwardable(resp.headers)})
+            async for chunk in resp.chunks():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            await resp.aclose()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--client", choices=("aiohttp", "dynasor"), default="aiohttp")
     args = parser.parse_args(argv)
     import uvicorn
 
-    uvicorn.run(FloorProxy(args.upstream), host=args.host, port=args.port, loop="uvloop",
+    app = FloorProxy(args.upstream) if args.client == "aiohttp" else RelayOnly(args.upstream)
+    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop",
                 http="httptools", lifespan="on", log_level="warning", access_log=False)
 
 

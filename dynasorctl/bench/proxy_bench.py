@@ -3,6 +3,7 @@
 Setups, each against the same fast fake upstream on loopback:
   direct           the client talks to the fake upstream itself
   floor            a 50-line raw ASGI + aiohttp pass-through (`floor_proxy`)
+  relay            the same pass-through on dynasor's own upstream client: the relay alone
   dynasor          `dynasorctl observe --probe-rate 0`: the relay's own cost
   dynasor-probing  `dynasorctl observe --probe-rate 1`, a probe every `PROBE_INTERVAL` tokens
 
@@ -61,6 +62,7 @@ class Workload:
 SETUPS = (
     Setup("direct", "direct (no proxy)"),
     Setup("floor", "floor: raw ASGI + aiohttp"),
+    Setup("relay", "relay only: raw ASGI + dynasor's client"),
     Setup("dynasor", "dynasor, probing off", 0.0),
     Setup("dynasor-probing", "dynasor, probing on", 1.0),
 )
@@ -315,7 +317,7 @@ def _proxy(setup: Setup, upstream_url: str, core: int | None, workdir: Path,
     port = free_port()
     if setup.probe_rate is None:
         cmd = [sys.executable, "-m", "dynasorctl.bench.floor_proxy", "--upstream", upstream_url,
-               "--port", str(port)]
+               "--port", str(port), "--client", "dynasor" if setup.key == "relay" else "aiohttp"]
     else:
         db = f"sqlite:///{workdir / f'{setup.key}.db'}"
         cmd = [*_dynasorctl(), "observe", "--upstream", upstream_url, "--host", "127.0.0.1",

@@ -85,7 +85,8 @@ def placement(bench: Bench) -> str:
             f"behind a proxy on core {bench.load_core}")
 
 
-SHORT = {"direct": "direct", "floor": "floor", "dynasor": "dynasor\nprobe off",
+SHORT = {"direct": "direct", "floor": "floor", "relay": "relay\nonly",
+         "dynasor": "dynasor\nprobe off",
          "dynasor-probing": "dynasor\nprobe on"}
 
 

@@ -53,7 +53,7 @@ def proxy(
     ] = False,
     setup: Annotated[
         list[str] | None,
-        typer.Option(help="Run only this setup (repeatable): direct, floor, dynasor, "
+        typer.Option(help="Run only this setup (repeatable): direct, floor, relay, dynasor, "
                      "dynasor-probing.", show_default="all"),
     ] = None,
     repeat: Annotated[

@@ -100,15 +100,15 @@ def _python(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-@pytest.fixture
-def servers(tmp_path: Path):
-    """The fake upstream and the floor proxy in front of it, as real processes."""
+@pytest.fixture(params=["aiohttp", "dynasor"])
+def servers(tmp_path: Path, request):
+    """The fake upstream and the floor proxy (on either client) in front of it, as real processes."""
     up_port, floor_port = free_port(), free_port()
     up = Server("fake upstream", _python("dynasorctl.bench.fake_upstream", "--port", str(up_port)),
                 up_port, None, tmp_path / "up.log")
     floor = Server("floor", _python("dynasorctl.bench.floor_proxy", "--upstream", up.url,
-                                    "--port", str(floor_port)), floor_port, None,
-                   tmp_path / "floor.log")
+                                    "--port", str(floor_port), "--client", request.param),
+                   floor_port, None, tmp_path / "floor.log")
     try:
         yield up.start(), floor.start("/stats")
     finally:
