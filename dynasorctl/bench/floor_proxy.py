@@ -30,11 +30,9 @@ class FloorProxy:
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             while (await receive())["type"] != "lifespan.shutdown":  # the startup message
-                self.session = aiohttp.ClientSession(auto_decompress=False,
-                                                     connector=aiohttp.TCPConnector(limit=1000))
+                await self.start()
                 await send({"type": "lifespan.startup.complete"})
-            assert self.session is not None
-            await self.session.close()
+            await self.stop()
             await send({"type": "lifespan.shutdown.complete"})
             return
         body = b""
@@ -43,6 +41,18 @@ class FloorProxy:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        await self.relay(scope, body, send)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(auto_decompress=False,
+                                             connector=aiohttp.TCPConnector(limit=1000))
+
+    async def stop(self) -> None:
+        assert self.session is not None
+        await self.session.close()
+
+    async def relay(self, scope: MutableMapping[str, Any], body: bytes, send: Send) -> None:
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
                    if k.decode("latin-1") not in HOP_BY_HOP]
         assert self.session is not None
@@ -53,33 +63,23 @@ class FloorProxy:
             await send({"type": "http.response.start", "status": resp.status, "headers": out})
             async for chunk in resp.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-class RelayOnly:
+class RelayOnly(FloorProxy):
     """The same pass-through on dynasor's upstream client (`proxy.upstream.http`)."""
 
-    def __init__(self, upstream: str) -> None:
+    async def start(self) -> None:
         from proxy.upstream.http import HttpUpstream
 
-        self.upstream = HttpUpstream(upstream)
+        self.client = HttpUpstream(self.upstream)
 
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+    async def stop(self) -> None:
+        await self.client.aclose()
+
+    async def relay(self, scope: MutableMapping[str, Any], body: bytes, send: Send) -> None:
         from proxy.upstream.base import forwardable
 
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await self.upstream.aclose()
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        resp = await self.upstream.send(scope["method"], scope["path"], scope["headers"], body)
+        resp = await self.client.send(scope["method"], scope["path"], scope["headers"], body)
         try:
             await send({"type": "http.response.start", "status": resp.status,
                         "headers": forwardable(resp.headers)})
@@ -87,7 +87,6 @@ class RelayOnly:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         finally:
             await resp.aclose()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -74,7 +74,7 @@ async def test_a_requests_probe_failure_is_logged_with_its_request_id():
 class Upstream(BaseHTTPRequestHandler):
     """Streams a chat answer a chunk every 20 ms; refuses probes (so the proxy logs a warning)."""
 
-    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         if body.get("continue_final_message"):
             self.send_response(500)

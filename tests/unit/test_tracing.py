@@ -17,7 +17,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from dynasorctl.stack import free_port
-from dynasorctl.stack import free_port
 from proxy.pipeline.app import create_app
 from proxy.settings import Settings
 from proxy.tracing import Tracing, TracingUnavailable, from_settings, traces_url
@@ -117,7 +116,7 @@ class Collector(BaseHTTPRequestHandler):
 
     received: list[ExportTraceServiceRequest] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["content-length"]))
         request = ExportTraceServiceRequest()
         request.ParseFromString(body)
