@@ -257,6 +257,7 @@ class HttpUpstream:
             conn = self._idle.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn
+            self._live.discard(conn)  # the upstream closed it while it was idle
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: _Connection(loop), self._host, self._port, ssl=self._ssl),

@@ -258,3 +258,24 @@ async def test_a_reader_that_falls_behind_pauses_the_upstream(raw_server):
         assert len(await _read(resp)) == 64 * len(piece)  # and nothing is lost
     finally:
         await up.aclose()
+
+
+async def test_an_idle_connection_the_upstream_closed_is_not_reused(raw_server):
+    url, scripts, seen, _, connections = raw_server
+    scripts.append([b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na", None])  # answers, then hangs up
+    scripts.append([b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb"])
+    up = HttpUpstream(url)
+    try:
+        first = await up.send("GET", "/", [], b"")
+        assert await _read(first) == b"a"
+        await first.aclose()
+        for _ in range(200):  # until the hang-up has reached the pooled connection
+            if all(c.closed for c in up._idle):
+                break
+            await asyncio.sleep(0.01)
+        second = await up.send("GET", "/", [], b"")
+        assert await _read(second) == b"b"
+        await second.aclose()
+    finally:
+        await up.aclose()
+    assert len(connections) == 2 and len(seen) == 2
