@@ -7,6 +7,7 @@ import json
 
 import httpx
 import pytest
+from sqlalchemy import create_engine
 from sqlalchemy.exc import OperationalError
 
 from proxy.control.health import Readiness
@@ -92,7 +93,7 @@ def test_a_read_only_store_is_not_writable(tmp_path):
     path = tmp_path / "ro.db"
     open_store(f"sqlite:///{path}")
     check_writable(make_engine(f"sqlite:///{path}"))  # writable: no error
-    read_only = make_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+    read_only = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")  # not make_engine: no mkdir
     with pytest.raises(OperationalError, match="readonly"):
         check_writable(read_only)
 
