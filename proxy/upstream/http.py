@@ -240,9 +240,10 @@ class HttpUpstream:
         self._host = url.hostname or "127.0.0.1"
         self._port = url.port or (443 if self._https else 80)
         default = 443 if self._https else 80
-        host_header = self._host if self._port == default else f"{self._host}:{self._port}"
+        name = f"[{self._host}]" if ":" in self._host else self._host.encode("idna").decode("ascii")
+        host_header = name if self._port == default else f"{name}:{self._port}"
         self._prefix = url.path.rstrip("/").encode()
-        self._host_header = b"host: " + host_header.encode("idna") + b"\r\n"
+        self._host_header = b"host: " + host_header.encode("ascii") + b"\r\n"
         self._auth = ("Bearer " + api_key).encode("latin-1") if api_key else None
         self._connect_timeout = connect_timeout_s
         self._read_timeout = read_timeout_s

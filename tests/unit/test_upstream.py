@@ -279,3 +279,46 @@ async def test_an_idle_connection_the_upstream_closed_is_not_reused(raw_server):
     finally:
         await up.aclose()
     assert len(connections) == 2 and len(seen) == 2
+
+
+def test_the_host_header_names_the_upstream_as_http_wants():
+    def head(url: str) -> bytes:
+        return HttpUpstream(url)._head("GET", "/v1/models", [(b"host", b"client-side")], b"")
+
+    assert head("http://[::1]:8000").startswith(b"GET /v1/models HTTP/1.1\r\nhost: [::1]:8000\r\n")
+    assert b"\r\nhost: vllm.internal\r\n" in head("http://vllm.internal:80")
+    assert head("https://router.example/prefix/").startswith(
+        b"GET /prefix/v1/models HTTP/1.1\r\nhost: router.example\r\n")
+    assert b"client-side" not in head("http://x")  # the client's Host is the proxy's, not sent on
+
+
+async def test_an_https_upstream_is_reached_over_tls(tmp_path, monkeypatch):
+    """A self-signed certificate, trusted through SSL_CERT_FILE as an operator would."""
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecure")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    up = HttpUpstream(f"https://localhost:{port}")
+    try:
+        resp = await up.send("GET", "/v1/models", [], b"")
+        assert (resp.status, await _read(resp)) == (200, b"secure")
+        await resp.aclose()
+    finally:
+        await up.aclose()
+        server.close()
+        await server.wait_closed()
