@@ -71,7 +71,9 @@ class ResponseObserver:
 
     def feed(self, chunk: bytes) -> None:
         """Take a copy of a chunk the client is sent (parsed now only when live)."""
-        assert self._sse is not None
+        if self._sse is None:
+            self._raw.append(chunk)
+            return
         for data in self._sse.feed(chunk):
             self._event(data)
 
