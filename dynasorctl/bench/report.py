@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
+from statistics import median
 from typing import Any
 
 from rich.console import Group
@@ -159,7 +160,7 @@ def spread(benches: list[Bench]) -> Table:
         for key in setups:
             values = sorted(v for f in figs if (v := getattr(f[key], field)) is not None)
             cells.append("-" if not values else
-                         f"{fmt(values[len(values) // 2])} [{fmt(values[0])} - {fmt(values[-1])}]")
+                         f"{fmt(median(values))} [{fmt(values[0])} - {fmt(values[-1])}]")
         table.add_row(label, *cells)
     disturbed = [d for b in benches if (d := foreign_load(b))]
     if disturbed:

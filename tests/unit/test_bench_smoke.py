@@ -237,6 +237,9 @@ def test_repeated_runs_report_median_and_spread():
     text = console.export_text()
     assert "Over 3 runs" in text
     assert "70% [60% - 90%]" in text  # share of direct: median, lowest, highest
+    console = Console(record=True, width=160)
+    console.print(report.spread(runs[:2]))  # an even count: the middle two's mean
+    assert "75% [60% - 90%]" in console.export_text()
 
 
 def test_the_command_rejects_an_unknown_setup():
