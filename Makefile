@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install engine demo test test-unit bench clean
+.PHONY: install engine test-deps demo test test-unit bench clean
 
 install: $(STAMP)
 
@@ -20,13 +20,17 @@ engine:
 	bash scripts/engine.sh
 	bash scripts/sglang.sh
 
+# Tools the tests check output with (promtool, from Debian's prometheus package).
+test-deps:
+	bash scripts/test-deps.sh
+
 demo: install
 	$(BIN)/dynasorctl demo
 
-test-unit: install
+test-unit: install test-deps
 	$(BIN)/pytest -m "not engine" -q
 
-test: install engine
+test: install engine test-deps
 	$(BIN)/pytest -q
 
 bench: install

@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     )
     admin_token: str | None = Field(None, description="token of the admin API (unset: no admin API)")
     admin_port: int = Field(8081, ge=1, le=65535, description="port of the admin API (loopback)")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines: text, or json (one object a line, for log pipelines)")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP collector to send traces to (unset: no tracing; "
+        "needs the otel extra)")
 
     @model_validator(mode="after")
     def _policy_for_mode(self) -> Settings:

@@ -53,9 +53,13 @@ def proxy(
     ] = False,
     setup: Annotated[
         list[str] | None,
-        typer.Option(help="Run only this setup (repeatable): direct, floor, dynasor, "
+        typer.Option(help="Run only this setup (repeatable): direct, floor, relay, dynasor, "
                      "dynasor-probing.", show_default="all"),
     ] = None,
+    repeat: Annotated[
+        int, typer.Option(help="Run the whole comparison this many times and report the spread "
+                          "(a shared machine's figures move from run to run).", min=1)
+    ] = 1,
 ) -> None:
     """Direct vs. a minimal pass-through vs. dynasor observe (probing off, on), on loopback."""
     from dynasorctl.bench import load, proxy_bench, report
@@ -73,14 +77,22 @@ def proxy(
     if generator == "python":
         err_console.print("[yellow]wrk not used: the Python load generator saturates its own core "
                           "first, so capacity and streaming figures understate every setup[/]")
-    try:
-        result = proxy_bench.run(seconds, warmup, generator, chosen, probe_interval, keep_awake,
-                                 burst, say=lambda line: err_console.print(line, style="dim"))
-    except proxy_bench.BenchError as exc:
-        raise UserError(str(exc)) from exc
-    Console().print(report.render(result))
+    runs = []
+    for i in range(repeat):
+        if repeat > 1:
+            err_console.print(f"run {i + 1} of {repeat}", style="bold")
+        try:
+            result = proxy_bench.run(seconds, warmup, generator, chosen, probe_interval, keep_awake,
+                                     burst, say=lambda line: err_console.print(line, style="dim"))
+        except proxy_bench.BenchError as exc:
+            raise UserError(str(exc)) from exc
+        Console().print(report.render(result))
+        runs.append(result)
+    if repeat > 1:
+        Console().print(report.spread(runs))
     if json_file is not None:
-        json_file.write_text(json.dumps(report.to_json(result), indent=2) + "\n")
+        data = report.to_json(runs[0]) if repeat == 1 else {"runs": [report.to_json(r) for r in runs]}
+        json_file.write_text(json.dumps(data, indent=2) + "\n")
         err_console.print(f"figures written to {json_file}")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import socket
 import tomllib
+from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,7 +15,13 @@ from pydantic import ValidationError
 
 from dynasorctl.errors import UserError, err_console
 from dynasorctl.options import DbOption, store
+from proxy.logs import configure as configure_logs
 from proxy.settings import Settings
+
+
+class LogFormatChoice(str, Enum):
+    text = "text"
+    json = "json"
 
 
 def load_settings(config: Path | None, **overrides: Any) -> Settings:
@@ -44,28 +52,33 @@ def check_port_free(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
-def _config(app: Any, host: str, port: int, lifespan: str = "on") -> Any:
+def _config(app: Any, host: str, port: int, lifespan: str = "on", log_format: str = "text") -> Any:
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
-    # No Server or Date header of its own: the client gets the upstream's.
+    # No Server or Date header of its own: the client gets the upstream's. In JSON,
+    # uvicorn's own lines go through the root logger's JSON handler, not its text one.
     return uvicorn.Config(app, host=host, port=port, loop="uvloop", http="httptools",
                           log_level="warning", access_log=False, lifespan=lifespan,
-                          server_header=False, date_header=False)
+                          server_header=False, date_header=False,
+                          log_config=None if log_format == "json" else LOGGING_CONFIG)
 
 
-def serve(app: Any, host: str, port: int, admin: Any = None, admin_port: int = 0) -> None:
+def serve(app: Any, host: str, port: int, admin: Any = None, admin_port: int = 0,
+          log_format: str = "text") -> None:
     """Serve the proxy (and the admin API on loopback) until SIGINT/SIGTERM; shutdown flushes."""
     import asyncio
 
     import uvicorn
     import uvloop
 
-    main = uvicorn.Server(_config(app, host, port))
+    main = uvicorn.Server(_config(app, host, port, log_format=log_format))
     if admin is None:
         main.run()
         return
     # The admin API shares the proxy's lifespan: it stops when the proxy stops.
-    side = uvicorn.Server(_config(admin, "127.0.0.1", admin_port, lifespan="off"))
+    side = uvicorn.Server(_config(admin, "127.0.0.1", admin_port, lifespan="off",
+                                  log_format=log_format))
 
     async def both() -> None:
         side_task = asyncio.create_task(side.serve())
@@ -99,37 +112,55 @@ def observe(
     enforce_percent: Annotated[
         float | None, typer.Option(help="Share of programs enforced in enforce mode, 0-100 [default: 100].")
     ] = None,
+    log_format: Annotated[
+        LogFormatChoice | None, typer.Option(help="Log lines: text, or json (one object a line) [default: text].")
+    ] = None,
+    otlp_endpoint: Annotated[
+        str | None, typer.Option(help="Send a trace of every observed request to this OTLP/HTTP collector "
+                                 "(e.g. http://127.0.0.1:4318; needs the otel extra) [default: off].")
+    ] = None,
 ) -> None:
     """Run the proxy: relay every request, probe and record out of band; shadow or enforce a policy."""
     settings = load_settings(config, upstream_url=upstream, host=host, port=port, db_url=db,
                              probe_rate=probe_rate, store_text=store_text, mode=mode,
-                             policy_file=str(policy) if policy else None, enforce_percent=enforce_percent)
+                             policy_file=str(policy) if policy else None, enforce_percent=enforce_percent,
+                             log_format=log_format.value if log_format else None, otlp_endpoint=otlp_endpoint)
     store(settings.db_url)  # fail now, with a clear message, not inside the server
     check_port_free(settings.host, settings.port)
     if settings.admin_token:
         check_port_free("127.0.0.1", settings.admin_port)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logs(settings.log_format)
     from proxy.core.policy import PolicyFileError
     from proxy.pipeline.app import create_app
+    from proxy.tracing import TracingUnavailable
 
     try:
         app = create_app(settings)
-    except PolicyFileError as exc:
+    except (PolicyFileError, TracingUnavailable) as exc:
         raise UserError(str(exc)) from exc
     what = {"observe": "observing", "shadow": "shadowing", "enforce": "enforcing"}[settings.mode]
-    err_console.print(
+    announce = _announcer(settings.log_format)
+    announce(
         f"dynasor {what} {settings.upstream_url} on http://{settings.host}:{settings.port} "
         f"(probe rate {settings.probe_rate:g}, every {settings.probe_interval} tokens"
         + (f"; policy {settings.policy_file}" if settings.policy_file else "")
         + (f", {settings.enforce_percent:g}% enforced" if settings.mode == "enforce" else "") + ")"
+        + (f"; traces to {settings.otlp_endpoint}" if settings.otlp_endpoint else "")
     )
     admin = None
     if settings.admin_token:
         from proxy.control.admin import AdminApp
 
         admin = AdminApp(app, settings.admin_token)
-        err_console.print(f"admin API on http://127.0.0.1:{settings.admin_port} (token required)")
-    serve(app, settings.host, settings.port, admin, settings.admin_port)
+        announce(f"admin API on http://127.0.0.1:{settings.admin_port} (token required)")
+    serve(app, settings.host, settings.port, admin, settings.admin_port, settings.log_format)
+
+
+def _announcer(log_format: str) -> Callable[[str], None]:
+    """Start-up lines: for people on the console, or as log events where logs are JSON."""
+    if log_format == "json":
+        return logging.getLogger("dynasor").info
+    return err_console.print
 
 
 def register(app: typer.Typer) -> None:

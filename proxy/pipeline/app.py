@@ -21,10 +21,12 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+from proxy.control.health import Readiness
 from proxy.control.plan import Control
 from proxy.core.policy import ScPolicy
 from proxy.core.treatment import OPT_HEADER, Mode
-from proxy.metrics import Metrics
+from proxy.logs import REQUEST_ID
+from proxy.metrics import Metrics, exposition, registry
 from proxy.pipeline.assemble import SampleStream, streaming_body
 from proxy.pipeline.endings import Endings
 from proxy.pipeline.equivalence import AsyncEquivalence
@@ -52,12 +54,14 @@ from proxy.pipeline.samples import ProgramRun, Sample, program_outcome
 from proxy.pipeline.sse import error_body, error_frame
 from proxy.settings import Settings
 from proxy.store.recorder import Record, Recorder, write_records
+from proxy.tracing import Tracing, from_settings
 from proxy.upstream.base import Headers, Upstream, UpstreamError, forwardable
 from proxy.upstream.http import HttpUpstream
 
 log = logging.getLogger(__name__)
 
 OBSERVED = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+OPERATOR_PATHS = frozenset({"/metrics", "/health", "/health/live", "/health/ready"})
 
 
 class ProxyApp:
@@ -66,9 +70,12 @@ class ProxyApp:
         settings: Settings,
         upstream: Upstream | None = None,
         write: Callable[[Sequence[Record]], None] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing or from_settings(settings)
         self.metrics = Metrics()
+        self.registry = registry(self.metrics)
         self.upstream: Upstream = upstream or HttpUpstream(
             settings.upstream_url,
             settings.connect_timeout_s,
@@ -83,18 +90,21 @@ class ProxyApp:
         self._finalizing: set[asyncio.Task[None]] = set()
         self.control = Control(settings, self.metrics)
         self.endings = Endings(settings, self.metrics, self.upstream, self.programs)
+        self.readiness = Readiness(self.upstream)
 
     # -- lifecycle ---------------------------------------------------------
 
     async def startup(self) -> None:
         if self._write is None:
-            from proxy.store.db import open_store
+            from proxy.store.db import check_writable, open_store
 
             engine = await asyncio.to_thread(open_store, self.settings.db_url)
             self._write = partial(write_records, engine)
+            self.readiness.store_check = partial(check_writable, engine)
             await self.control.start(engine)
-        self.recorder = Recorder(self._write, self.metrics, self.settings.record_queue_size)
-        self.recorder.start()
+        recorder = self.recorder = Recorder(self._write, self.metrics, self.settings.record_queue_size)
+        self.metrics.record_queue_depth = lambda: recorder.pending
+        recorder.start()
         self.equivalence.warm()
 
     async def shutdown(self) -> None:
@@ -105,6 +115,8 @@ class ProxyApp:
             await self.recorder.close()
         await self.upstream.aclose()
         self.equivalence.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
 
     async def __aenter__(self) -> ProxyApp:
         await self.startup()
@@ -122,11 +134,8 @@ class ProxyApp:
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
-        if path == "/health" and method == "GET":
-            await respond(send, 200, json.dumps(self.health()).encode(), JSON_HEADERS)
-        elif path == "/metrics" and method == "GET":
-            text = self.metrics.render(lambda: self.recorder.pending if self.recorder else 0)
-            await respond(send, 200, text.encode(), [(b"content-type", b"text/plain; version=0.0.4")])
+        if method == "GET" and path in OPERATOR_PATHS:
+            await self._operator(path, scope, send)
         elif path in OBSERVED and method == "POST":
             await self._observed(scope, receive, send, OBSERVED[path])
         else:
@@ -146,6 +155,22 @@ class ProxyApp:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _operator(self, path: str, scope: Scope, send: Send) -> None:
+        """The proxy's own endpoints: metrics, health, and the probes Kubernetes expects."""
+        if path == "/metrics":
+            body, content_type = exposition(self.registry, header(scope["headers"], b"accept"))
+            await respond(send, 200, body, [(b"content-type", content_type.encode())])
+            return
+        status, answer = 200, {"status": "alive"}
+        if path == "/health":
+            answer = self.health()
+        elif path == "/health/ready":
+            rec = self.recorder
+            ready, checks = await self.readiness.check(rec is not None, rec is None or rec.healthy)
+            status, answer = (200 if ready else 503), {"status": "ready" if ready else "not ready",
+                                                      "checks": checks}
+        await respond(send, status, json.dumps(answer).encode(), JSON_HEADERS)
 
     def health(self) -> dict[str, Any]:
         rec = self.recorder
@@ -185,6 +210,7 @@ class ProxyApp:
         body = json_object(raw)
         headers: Headers = scope["headers"]
         ex = Exchange(uuid.uuid4().hex, kind, body, started, None, None, None, client_headers=headers)
+        REQUEST_ID.set(ex.request_id)  # for log lines, here and in the tasks this request starts
         if body is not None:
             stream = bool(body.get("stream"))
             n = body.get("n") if isinstance(body.get("n"), int) else 1
@@ -377,6 +403,8 @@ class ProxyApp:
             if verdict is not None:  # this sample's answer stopped its program
                 record.request.update(decision_token=verdict.samples, decision_answer=verdict.answer)
         self.recorder.put(record)
+        if self.tracing is not None:
+            self.tracing.request(ex, record)
         if ex.plan is not None:
             req = record.request
             # A tagged program has no last sample to compare its verdict with: errors and latency only.
@@ -397,8 +425,10 @@ def create_app(
     settings: Settings,
     upstream: Upstream | None = None,
     write: Callable[[Sequence[Record]], None] | None = None,
+    tracing: Tracing | None = None,
 ) -> ProxyApp:
-    """The proxy; `upstream` and `write` replace the HTTP upstream and the store (tests)."""
-    return ProxyApp(settings, upstream, write)
+    """The proxy; `upstream`, `write` and `tracing` replace the HTTP upstream, the store and
+    the OTLP exporter set by `settings` (tests)."""
+    return ProxyApp(settings, upstream, write, tracing)
 
 

@@ -15,6 +15,7 @@ from proxy.store.recorder import Record
 
 if TYPE_CHECKING:
     from proxy.pipeline.app import Exchange, ProxyApp
+    from proxy.pipeline.probe import ProbeResult
 
 
 def _sha(text: str) -> str:
@@ -49,6 +50,13 @@ def decision_of(ex: Exchange) -> StopInfo | None:
     return ex.probes.stop if ex.probes else None
 
 
+def probes_of(ex: Exchange) -> list[tuple[int, ProbeResult]]:
+    """(choice, probe): a request's own probes, or the check probes of its samples (by start order)."""
+    if ex.program is not None:
+        return ex.program.checks
+    return [(0, p) for p in ex.probes.results] if ex.probes else []
+
+
 async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> Record:
     body = ex.body or {}
     now = datetime.now(UTC)
@@ -60,8 +68,7 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
         tokens = sum(c.tokens for c in choices.values())
     if tokens:
         app.metrics.main_tokens += tokens
-    # (choice, probe): a request's own probes, or the check probes of its samples (by start order)
-    probes = ex.program.checks if ex.program else [(0, p) for p in ex.probes.results] if ex.probes else []
+    probes = probes_of(ex)
     stop = decision_of(ex)
     if stop is not None and ex.enforced is None:
         app.metrics.shadow_stops += 1

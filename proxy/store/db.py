@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -105,6 +105,13 @@ def has_schema(engine: Engine) -> bool:
         return inspect(engine).has_table("requests")
     except SQLAlchemyError as exc:
         raise StoreError(f"cannot read {engine.url.render_as_string()}: {_reason(exc)}") from exc
+
+
+def check_writable(engine: Engine) -> None:
+    """Raise unless the store takes a write now (a no-op update, rolled back; blocking)."""
+    with engine.connect() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = version_num"))
+        conn.rollback()
 
 
 def open_store(url: str | None = None, migrate: bool = True) -> Engine:
