@@ -49,6 +49,9 @@ class Metrics:
     main_tokens: int = 0
     records_written: int = 0
     records_dropped: int = 0
+    records_sanitised: int = 0  # stored with values made to fit their columns
+    records_rejected: int = 0  # refused by the store even so: dropped alone
+    writer_restarts: int = 0
     write_errors: int = 0
     active_streams: int = 0
     enforced_stops: int = 0
@@ -92,8 +95,17 @@ class Metrics:
                [f"dynasor_records_written_total {self.records_written}"])
         family("dynasor_records_dropped_total", "counter", "Request records lost (queue full).",
                [f"dynasor_records_dropped_total {self.records_dropped}"])
+        family("dynasor_records_sanitised_total", "counter",
+               "Request records stored with values made to fit their columns (e.g. text cut).",
+               [f"dynasor_records_sanitised_total {self.records_sanitised}"])
+        family("dynasor_records_rejected_total", "counter",
+               "Request records the store refused even sanitised: dropped alone, logged.",
+               [f"dynasor_records_rejected_total {self.records_rejected}"])
         family("dynasor_store_write_errors_total", "counter", "Failed store writes (retried).",
                [f"dynasor_store_write_errors_total {self.write_errors}"])
+        family("dynasor_store_writer_restarts_total", "counter",
+               "Times the store writer task stopped unexpectedly and was restarted.",
+               [f"dynasor_store_writer_restarts_total {self.writer_restarts}"])
         family("dynasor_record_queue_depth", "gauge", "Records waiting to be written.",
                [f"dynasor_record_queue_depth {queue_depth()}"])
         family("dynasor_request_duration_seconds", "histogram", "Client request duration.",

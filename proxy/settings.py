@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     probe_concurrency: int = Field(8, ge=1, description="probes in flight at once, all requests")
     probe_max_per_request: int = Field(256, ge=1, description="most probes for one request")
     record_queue_size: int = Field(10_000, ge=1, description="records buffered for the store")
+    request_body_timeout_s: float = Field(
+        30.0, gt=0, description="longest wait for the rest of a client's request body (then 400)"
+    )
+    shutdown_grace_s: float = Field(
+        20.0, ge=0, description="on SIGTERM/SIGINT, how long in-flight requests may run on before "
+        "they are ended and recorded as interrupted"
+    )
     mode: Literal["observe", "shadow", "enforce"] = Field(
         "observe", description="observe: measure only; shadow: also decide, change nothing; "
         "enforce: stop streams the policy stops (for `enforce_percent` of programs)"

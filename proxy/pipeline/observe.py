@@ -47,6 +47,10 @@ class Outcome:
     error: str | None = None
 
 
+def _count(value: Any, otherwise: int | None) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else otherwise
+
+
 # Called with a choice each time its token count reaches a multiple of the probe interval.
 OnTokens = Callable[[ChoiceText], None]
 
@@ -64,6 +68,11 @@ class ResponseObserver:
         self._out = Outcome(choices={}, finish_order=[])
         self.envelope: dict[str, Any] = {}  # id, object, created, model of the stream
         self.reasoning_field: str | None = None  # where the server put reasoning text
+
+    def framing(self, sse: bool) -> None:
+        """What the response turned out to be: a request for a stream may get a JSON error."""
+        if not sse and self._stream:
+            self._stream, self._sse = False, None
 
     def feed(self, chunk: bytes) -> None:
         if self._sse is None:
@@ -106,10 +115,10 @@ class ResponseObserver:
 
     def _usage(self, body: dict[str, Any]) -> None:
         usage = body.get("usage")
-        if isinstance(usage, dict):
-            self._out.prompt_tokens = usage.get("prompt_tokens", self._out.prompt_tokens)
-            self._out.completion_tokens = usage.get("completion_tokens", self._out.completion_tokens)
-        if body.get("model"):
+        if isinstance(usage, dict):  # counts are taken only as counts: the upstream may send anything
+            self._out.prompt_tokens = _count(usage.get("prompt_tokens"), self._out.prompt_tokens)
+            self._out.completion_tokens = _count(usage.get("completion_tokens"), self._out.completion_tokens)
+        if body.get("model") and isinstance(body["model"], str):
             self._out.model = body["model"]
 
     def _finished(self, choice: ChoiceText, reason: Any) -> None:
