@@ -44,27 +44,67 @@ def check_port_free(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
-def _config(app: Any, host: str, port: int, lifespan: str = "on") -> Any:
+def _config(app: Any, host: str, port: int, lifespan: str = "on", grace_s: float | None = None) -> Any:
     import uvicorn
 
     # No Server or Date header of its own: the client gets the upstream's.
     return uvicorn.Config(app, host=host, port=port, loop="uvloop", http="httptools",
                           log_level="warning", access_log=False, lifespan=lifespan,
-                          server_header=False, date_header=False)
+                          server_header=False, date_header=False, timeout_graceful_shutdown=grace_s)
 
 
-def serve(app: Any, host: str, port: int, admin: Any = None, admin_port: int = 0) -> None:
-    """Serve the proxy (and the admin API on loopback) until SIGINT/SIGTERM; shutdown flushes."""
+def _server(config: Any) -> Any:
+    import uvicorn
+
+    class ProxyServer(uvicorn.Server):
+        """uvicorn, but a second SIGINT/SIGTERM ends in-flight requests now instead of
+        skipping the application's shutdown: they are still ended, recorded and flushed."""
+
+        _loop: Any = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:
+                super().handle_exit(sig, frame)
+                return
+            self._captured_signals.append(sig)
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._end_now)
+
+        async def serve(self, sockets: Any = None) -> None:
+            import asyncio
+
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def _end_now(self) -> None:
+            tasks = list(self.server_state.tasks)
+            if tasks:
+                logging.getLogger("dynasor").warning(
+                    "second signal: ending %d in-flight requests now", len(tasks))
+            for task in tasks:
+                task.cancel()
+
+    return ProxyServer(config)
+
+
+def serve(app: Any, host: str, port: int, admin: Any = None, admin_port: int = 0,
+          grace_s: float | None = None) -> None:
+    """Serve the proxy (and the admin API on loopback) until SIGINT/SIGTERM; shutdown flushes.
+
+    In-flight requests get `grace_s` to finish; then they are ended and recorded as
+    interrupted. A second signal ends them at once; the records are flushed either way.
+    """
     import asyncio
 
-    import uvicorn
     import uvloop
 
-    main = uvicorn.Server(_config(app, host, port))
+    main = _server(_config(app, host, port, grace_s=grace_s))
     if admin is None:
         main.run()
         return
     # The admin API shares the proxy's lifespan: it stops when the proxy stops.
+    import uvicorn
+
     side = uvicorn.Server(_config(admin, "127.0.0.1", admin_port, lifespan="off"))
 
     async def both() -> None:
@@ -129,7 +169,7 @@ def observe(
 
         admin = AdminApp(app, settings.admin_token)
         err_console.print(f"admin API on http://127.0.0.1:{settings.admin_port} (token required)")
-    serve(app, settings.host, settings.port, admin, settings.admin_port)
+    serve(app, settings.host, settings.port, admin, settings.admin_port, settings.shutdown_grace_s)
 
 
 def register(app: typer.Typer) -> None:
