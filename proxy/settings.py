@@ -13,12 +13,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from proxy.control.guardrails import GuardrailSettings
 from proxy.core.certaindex import DEFAULT_PROBE_SUFFIX
+from proxy.upstream.url import UpstreamUrl, parse_upstream
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DYNASOR_", extra="forbid")
 
-    upstream_url: str = Field("http://127.0.0.1:8000", description="base URL of the vLLM or SGLang server")
+    upstream_url: str = Field(
+        "http://127.0.0.1:8000", description="base URL of the vLLM or SGLang server "
+        "(`http://user:pass@host` sends Basic credentials; a trailing /v1 is dropped)"
+    )
     upstream_api_key: str | None = Field(
         None, description="key sent upstream as a Bearer token; replaces the client's Authorization"
     )
@@ -79,6 +83,16 @@ class Settings(BaseSettings):
     @field_validator("upstream_url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return v.rstrip("/")
+        parse_upstream(v)  # its ValueError names what is wrong, never the password
+        return v.strip().rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> Settings:
+        if self.upstream_api_key and self.upstream.authorization:
+            raise ValueError("upstream_url holds credentials and upstream_api_key is set: use one")
+        return self
+
+    @property
+    def upstream(self) -> UpstreamUrl:
+        """The upstream URL as the proxy uses and shows it (see `proxy.upstream.url`)."""
+        return parse_upstream(self.upstream_url)

@@ -158,11 +158,13 @@ def observe(
         raise UserError(str(exc)) from exc
     what = {"observe": "observing", "shadow": "shadowing", "enforce": "enforcing"}[settings.mode]
     err_console.print(
-        f"dynasor {what} {settings.upstream_url} on http://{settings.host}:{settings.port} "
+        f"dynasor {what} {settings.upstream.shown} on http://{settings.host}:{settings.port} "
         f"(probe rate {settings.probe_rate:g}, every {settings.probe_interval} tokens"
         + (f"; policy {settings.policy_file}" if settings.policy_file else "")
         + (f", {settings.enforce_percent:g}% enforced" if settings.mode == "enforce" else "") + ")"
     )
+    if settings.upstream.notice:
+        err_console.print(f"note: {settings.upstream.notice}")
     admin = None
     if settings.admin_token:
         from proxy.control.admin import AdminApp

@@ -58,7 +58,7 @@ def _pool() -> ProcessPoolExecutor:
 def _discard(pool: ProcessPoolExecutor, grace_s: float = 0.0) -> None:
     """Stop `pool` and make sure its worker is gone: an idle one leaves when told, within
     `grace_s`; a stuck one (a check past its time) is killed."""
-    processes = list((pool._processes or {}).values())  # noqa: SLF001 - no public handle in 3.11
+    processes = list((pool._processes or {}).values())  # no public handle in 3.11
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         # Its sentinel, not join(): the pool's own thread reaps it, and a pid reaped is free

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from proxy.upstream.base import REQUEST_ONLY, Headers, UpstreamError, UpstreamResponse, forwardable
+from proxy.upstream.url import parse_upstream
 
 
 @dataclass
@@ -47,8 +48,10 @@ class HttpUpstream:
         api_key: str | None = None,
         max_connections: int = 1000,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._api_key = api_key
+        url = parse_upstream(base_url)
+        self._base = url.base
+        self.base_url = url.shown  # credentials never reach a message, a log or the store
+        self._authorization = f"Bearer {api_key}" if api_key else url.authorization
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
         )
@@ -67,10 +70,10 @@ class HttpUpstream:
 
     async def send(self, method: str, path: str, headers: Headers, body: bytes) -> UpstreamResponse:
         out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in forwardable(headers, REQUEST_ONLY)]
-        if self._api_key:
+        if self._authorization:
             out = [(k, v) for k, v in out if k.lower() != "authorization"]
-            out.append(("Authorization", f"Bearer {self._api_key}"))
-        url = self.base_url + path
+            out.append(("Authorization", self._authorization))
+        url = self._base + path
         try:
             resp = await self._client().request(
                 method, url, headers=out, data=body or None, allow_redirects=False

@@ -113,7 +113,8 @@ async def _stalled_stream(url: str, started: asyncio.Event) -> bytes:
 async def test_a_stalled_stream_is_ended_and_recorded_as_interrupted(tmp_path, second_signal):
     grace = "120" if second_signal else "1"  # a second signal must not wait out the grace period
     async with serving(_stalled) as upstream, \
-            proxy_process(tmp_path, upstream, shutdown_grace_s=grace, probe_rate="0") as (proc, url):
+            proxy_process(tmp_path, upstream.replace("http://", "http://ops:s3cret@") + "/v1",
+                          shutdown_grace_s=grace, probe_rate="0") as (proc, url):
         started = asyncio.Event()
         client = asyncio.create_task(_stalled_stream(url, started))
         await asyncio.wait_for(started.wait(), 60)
@@ -129,3 +130,6 @@ async def test_a_stalled_stream_is_ended_and_recorded_as_interrupted(tmp_path, s
     (row,) = records(tmp_path)
     assert row.status_code == 200 and row.error == "interrupted: the proxy is shutting down"
     assert row.stream and row.latency_ms < 60_000
+    log = (tmp_path / "proxy.log").read_text()
+    assert "note: the /v1 at the end of the upstream URL is dropped" in log
+    assert "s3cret" not in log + (row.upstream or "") and "ops:***@127.0.0.1" in log
