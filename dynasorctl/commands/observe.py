@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import socket
 import tomllib
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from dynasorctl.errors import UserError, err_console
 from dynasorctl.options import DbOption, store
@@ -32,7 +35,19 @@ def load_settings(config: Path | None, **overrides: Any) -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise UserError(f"invalid setting {field}: {first['msg']}") from exc
+        raise UserError(f"invalid setting {field}{_from_env(field, values)}: {first['msg']}") from exc
+    except SettingsError as exc:  # an environment value that is not the JSON its field needs
+        found = re.search(r'field "([^"]+)"', str(exc))
+        field = found[1] if found else "settings"
+        why = str(exc.__cause__).splitlines()[0] if exc.__cause__ else "cannot be read"
+        raise UserError(f"invalid setting {field}{_from_env(field, values)}: "
+                        f"not valid JSON ({why})") from exc
+
+
+def _from_env(field: str, given: dict[str, Any]) -> str:
+    """Where a bad value came from, when it was the environment (flags and files say so)."""
+    name = f"DYNASOR_{field.split('.')[0].upper()}"
+    return f" (from {name})" if field.split(".")[0] not in given and name in os.environ else ""
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -161,10 +176,11 @@ def observe(
         f"dynasor {what} {settings.upstream.shown} on http://{settings.host}:{settings.port} "
         f"(probe rate {settings.probe_rate:g}, every {settings.probe_interval} tokens"
         + (f"; policy {settings.policy_file}" if settings.policy_file else "")
-        + (f", {settings.enforce_percent:g}% enforced" if settings.mode == "enforce" else "") + ")"
+        + (f", {settings.enforce_percent:g}% enforced" if settings.mode == "enforce" else "") + ")",
+        markup=False,
     )
     if settings.upstream.notice:
-        err_console.print(f"note: {settings.upstream.notice}")
+        err_console.print(f"note: {settings.upstream.notice}", markup=False)
     admin = None
     if settings.admin_token:
         from proxy.control.admin import AdminApp
