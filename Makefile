@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install engine demo test test-unit bench clean
+.PHONY: install engine bench-deps demo test test-unit bench clean
 
 install: $(STAMP)
 
@@ -20,17 +20,20 @@ engine:
 	bash scripts/engine.sh
 	bash scripts/sglang.sh
 
+# What the benchmarks drive load with (wrk); the unit tests check that path too.
+bench-deps:
+	bash scripts/bench-deps.sh
+
 demo: install
 	$(BIN)/dynasorctl demo
 
-test-unit: install
+test-unit: install bench-deps
 	$(BIN)/pytest -m "not engine" -q
 
-test: install engine
+test: install engine bench-deps
 	$(BIN)/pytest -q
 
-bench: install
-	bash scripts/bench-deps.sh
+bench: install bench-deps
 	$(BIN)/dynasorctl bench proxy
 
 clean:
