@@ -523,8 +523,9 @@ def test_dashboard_bench_times_every_query_on_a_seeded_store(tmp_path):
 
 
 async def test_a_read_that_comes_back_while_the_dashboard_closes_is_dropped(source):
-    """q while a timeline was still being read: its answer came back to a screen whose widgets
-    were already gone (`NoMatches: '#timeline-text'`) and the dashboard ended with an error."""
+    """The dashboard closing while a timeline was still being read: the answer came back to a
+    screen whose widgets were going (`NoMatches: '#timeline-text'`), and the worker's error
+    ended the app with it. Under load the live test closed its dashboard just so."""
     release, returned = threading.Event(), threading.Event()
     original = source.timeline
 
@@ -550,5 +551,4 @@ async def test_a_read_that_comes_back_while_the_dashboard_closes_is_dropped(sour
         source.timeline = slow  # type: ignore[method-assign]
         app._load_timeline("r01")
         await pilot.pause()
-        await pilot.press("q")
-    assert app.return_code == 0
+    assert app.return_code in (0, None)  # leaving run_test closed it: no error re-raised either
