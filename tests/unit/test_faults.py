@@ -9,9 +9,11 @@ import logging
 import httpx
 import pytest
 
-from tests.fakes import JSON, SSE, FakeResponse, chat_stream
+from proxy.pipeline.app import create_app
+from proxy.settings import Settings
+from tests.fakes import JSON, SSE, Call, FakeResponse, ScriptedUpstream, chat_stream
 from tests.servers import serving
-from tests.unit.test_proxy import chat_body, make
+from tests.unit.test_proxy import Sink, chat_body, make
 
 WHOLE = json.dumps({"id": "x", "choices": [{"index": 0, "message": {"role": "assistant", "content": "42"},
                                             "finish_reason": "stop"}]}).encode()
@@ -93,3 +95,47 @@ async def test_an_exception_inside_the_proxy_is_an_openai_500_and_still_recorded
     assert sink.records[0].request["error"] == "proxy error: RuntimeError: a bug"
     assert ok.json()["status"] == "ok"
     assert [r.levelno for r in caplog.records if r.exc_info] == [logging.ERROR]  # logged once
+
+
+class _Connecting(ScriptedUpstream):
+    """An upstream that never answers the request (still connecting)."""
+
+    async def send(self, method, path, headers, body):
+        self.calls.append(Call(method, path, headers, body))
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("answered", [False, True], ids=["nothing sent yet", "a body under way"])
+async def test_a_request_the_server_cancels_is_ended_and_recorded_as_interrupted(answered):
+    """What the grace period's end (or a second signal) does to a request still running."""
+    upstream = (ScriptedUpstream(lambda call: FakeResponse(200, list(JSON), [WHOLE], delay_s=600))
+                if answered else _Connecting(lambda call: None))
+    sink = Sink()
+    app = create_app(Settings(upstream_url="http://scripted.upstream"), upstream, sink)
+    sent: list[dict] = []
+    messages = [{"type": "http.request", "body": json.dumps(chat_body()).encode(), "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")]}
+    async with app:
+        task = asyncio.create_task(app(scope, receive, send))
+        while not upstream.calls or (answered and not sent):
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await task  # it ends the request itself: no CancelledError escapes into the server
+    if answered:  # the upstream's headers had gone out: the body is left cut, not completed
+        assert sent[0]["status"] == 200 and all(m.get("more_body", True) for m in sent[1:])
+    else:
+        assert sent[0]["status"] == 503
+        assert json.loads(sent[1]["body"])["error"]["type"] == "proxy_shutdown"
+    (rec,) = sink.records
+    assert rec.request["error"] == "interrupted: the proxy is shutting down"
+    assert rec.request["status_code"] == (200 if answered else 503)
