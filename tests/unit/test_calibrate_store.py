@@ -283,6 +283,7 @@ def test_self_consistency_from_the_store(tmp_path: Path, cache: Path) -> None:
 
 def test_empty_store(tmp_path: Path, cache: Path) -> None:
     url = f"sqlite:///{tmp_path}/empty.db"
+    db.open_store(url)  # a store with nothing recorded yet (one that does not exist is no store)
     message = user_error(["calibrate", "--db", url], cache)
     need = targets.problems_needed(Target(None, 0.005), 0.05)  # no labels: answers changed
     assert message.startswith(f"the store has 0 probed requests of 0 problems (distinct "
