@@ -292,6 +292,7 @@ def test_empty_store(tmp_path: Path, cache: Path) -> None:
     assert f"record more traffic into {url}," in message and "--traces FILE" in message
     # Without --traces the default store is read (here under the test's XDG_DATA_HOME).
     default = f"sqlite:///{tmp_path}/xdg/dynasor/dynasor.db"
+    db.open_store(default)
     assert user_error(["calibrate"], cache) == message.replace(url, default)
     assert "0 self-consistency programs" in user_error(["calibrate", "--kind", "sc", "--db", url],
                                                        cache)
