@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Engine, insert
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from proxy.metrics import Metrics
@@ -31,7 +31,12 @@ from proxy.store.models import ProbeRow, RequestRow, SampleRow
 from proxy.store.storable import Storable
 
 # The store, not the record: locked, down, out of connections or disk. Retried as a whole.
-UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError, OSError)
+# (Other driver errors are the store only when the connection went, as SQLAlchemy marks them.)
+UNAVAILABLE = (OperationalError, DisconnectionError, PoolTimeoutError, OSError)
+
+
+def _unavailable(exc: Exception) -> bool:
+    return isinstance(exc, UNAVAILABLE) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +159,8 @@ class Recorder:
         backoff = self.flush_interval_s
         while True:
             # Whatever leaves the queue is held until written, so a writer that dies loses none.
-            if self._retry:
-                await asyncio.sleep(0 if self._closing else backoff)
+            if self._retry:  # closing, retry sooner, but never in a tight loop
+                await asyncio.sleep(min(backoff, 0.5) if self._closing else backoff)
                 self._held, self._retry = self._retry, []
             else:
                 try:
@@ -199,14 +204,14 @@ class Recorder:
         """Write `batch`; the records to retry (the store was unavailable), else none."""
         try:
             fitted = await asyncio.to_thread(self._fit_and_write, batch)
-        except UNAVAILABLE as exc:
-            self._failing = True
-            self._metrics.write_errors += 1
-            self.last_error, self.last_error_at = _first_line(exc), time.time()
-            log.error("store write failed (%d records kept for retry): %s", len(batch),
-                      self.last_error)
-            return batch
         except Exception as exc:  # noqa: BLE001 - what one record holds must not stop the rest
+            if _unavailable(exc):
+                self._failing = True
+                self._metrics.write_errors += 1
+                self.last_error, self.last_error_at = _first_line(exc), time.time()
+                log.error("store write failed (%d records kept for retry): %s", len(batch),
+                          self.last_error)
+                return batch
             if len(batch) == 1:
                 self._reject(batch[0], exc)
                 return []

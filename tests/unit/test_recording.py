@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from proxy.pipeline.app import ProxyApp, create_app
@@ -224,3 +224,40 @@ def test_records_flow_after_any_json_body_and_headers(tmp_path):
         loop.close()
     assert stored(engine) == expected
     assert (app.metrics.records_rejected, app.metrics.records_dropped, app.metrics.writer_restarts) == (0, 0, 0)
+
+
+async def test_a_value_the_driver_cannot_bind_is_the_records_fault_not_the_stores(tmp_path):
+    """Only the store being unreachable keeps a batch for retry; a record the driver cannot take
+    is dropped alone (retried, it would hold up every record behind it)."""
+    engine = open_store(f"sqlite:///{tmp_path}/rec.db")
+
+    def write(batch: list[Record]) -> None:
+        for r in batch:  # what got past the fitting, as the DB-API sees it
+            if r.request["model"] == "unbindable":
+                r.request["error"] = object()
+        write_records(engine, batch)
+
+    app, _ = store_app(tmp_path, unreachable, write)
+    async with app:
+        app.recorder.flush_interval_s = 0.01
+        for model in ("unbindable", "fine"):
+            await call(app, json.dumps({"model": model}).encode())
+        await until(lambda: app.metrics.records_written == 1 and app.metrics.records_rejected == 1)
+    assert stored(engine) == 1 and app.metrics.write_errors == 0
+
+
+async def test_closing_on_a_store_that_stays_down_is_bounded_and_quiet(tmp_path, caplog):
+    """Closing retried with no pause: ~10,000 log lines in the 10 s a shutdown waits."""
+    def down(batch: list[Record]) -> None:
+        raise OperationalError("INSERT", {}, Exception("unable to open database file"))
+
+    app, _ = store_app(tmp_path, unreachable, down)
+    await app.startup()
+    await call(app, b'{"model": "m"}')
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await app.recorder.close(timeout_s=3)
+    assert loop.time() - started < 10
+    assert app.metrics.records_dropped == 1  # lost, and counted as such
+    assert len([r for r in caplog.records if "store write failed" in r.getMessage()]) < 20
+    await app.shutdown()
