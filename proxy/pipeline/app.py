@@ -46,6 +46,7 @@ from proxy.pipeline.exchange import (
     probe_headers,
     read_body,
     respond,
+    told,
     written_headers,
 )
 from proxy.pipeline.observe import ResponseObserver
@@ -157,17 +158,17 @@ class ProxyApp:
             except asyncio.CancelledError:
                 me.uncancel()
                 ex.error = ex.error or INTERRUPTED
-                ex.status = await end_early(send, INTERRUPTED, "proxy_shutdown", 503) or ex.status
+                ex.status = await told(me, end_early(send, INTERRUPTED, "proxy_shutdown", 503)) or ex.status
             except BodyTimeout as exc:  # not a request yet: counted, not recorded
                 ex.body, ex.error, ex.status = None, str(exc), 400
                 # The rest of the body may still come: the connection cannot carry another request.
-                await respond(send, 400, error_body(str(exc), "invalid_request_error", 400),
-                              [*JSON_HEADERS, (b"connection", b"close")])
+                await told(me, respond(send, 400, error_body(str(exc), "invalid_request_error", 400),
+                                        [*JSON_HEADERS, (b"connection", b"close")]))
             except Exception as exc:  # a bug must cost one request, not the proxy
                 log.exception("request %s failed inside the proxy", ex.request_id or scope["path"])
                 ex.error = f"proxy error: {type(exc).__name__}: {exc}"
-                ex.status = await end_early(send, f"internal error in the proxy ({type(exc).__name__})",
-                                            "proxy_error", 500) or ex.status
+                ex.status = await told(me, end_early(
+                    send, f"internal error in the proxy ({type(exc).__name__})", "proxy_error", 500)) or ex.status
             ex.finished = ex.finished or time.perf_counter()
             self._after(scope, ex)
         finally:

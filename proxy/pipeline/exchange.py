@@ -6,7 +6,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from proxy.core.policy import StopInfo
 from proxy.core.treatment import Mode
@@ -25,6 +25,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 ENFORCED = (b"x-dynasor-mode", b"enforce")  # the response header of an enforced request
+T = TypeVar("T")
 END_EARLY_TIMEOUT_S = 2.0  # longest wait to tell a client its response ends early
 
 
@@ -135,6 +136,16 @@ async def end_early(send: Response, message: str, type_: str, code: int) -> int 
     except (TimeoutError, OSError):
         pass
     return None
+
+
+async def told(me: asyncio.Task[Any], telling: Awaitable[T]) -> T | None:
+    """Tell the client how its request ended; a cancellation meanwhile (a second signal)
+    cuts the telling short, not the recording that follows."""
+    try:
+        return await telling
+    except asyncio.CancelledError:
+        me.uncancel()
+        return None
 
 
 class BodyTimeout(Exception):
