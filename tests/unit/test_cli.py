@@ -131,8 +131,8 @@ def test_error_messages_are_shown_as_typed_not_as_markup(tmp_path):
 
 @pytest.mark.parametrize(
     ("env", "message"),
-    [({"DYNASOR_GUARDRAILS": "notjson"}, "error: invalid setting guardrails (from DYNASOR_GUARDRAILS): "
-      "not valid JSON (Expecting value: line 1 column 1 (char 0))"),
+    [({"DYNASOR_GUARDRAILS": "notjson"}, ("error: invalid setting guardrails (from DYNASOR_GUARDRAILS): "
+                                          "not valid JSON (Expecting value: line 1 column 1 (char 0))")),
      ({"DYNASOR_PORT": "abc"}, "error: invalid setting port (from DYNASOR_PORT): Input should be a valid integer"),
      ({"DYNASOR_GUARDRAILS": '{"window": "x"}'}, "error: invalid setting guardrails.window (from DYNASOR_GUARDRAILS)")],
 )
