@@ -14,9 +14,12 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
+from importlib.machinery import ModuleSpec
 from multiprocessing.connection import wait
 
 from proxy.core.certaindex import normalize_answer
@@ -53,6 +56,24 @@ def _die_with(parent: int) -> None:
 def _pool() -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_die_with, initargs=(os.getpid(),))
+
+
+@contextmanager
+def _main_not_rerun() -> Iterator[None]:
+    """While a worker is spawned: it must not run the proxy's main script again.
+
+    A spawned process re-imports its parent's `__main__` unless that is named `__main__`;
+    a script that embeds the proxy without an `if __name__ == "__main__"` guard would
+    start itself again in the worker (a test script that started SGLang started a second).
+    The worker needs only this module, which it imports by name.
+    """
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    main.__spec__ = ModuleSpec("__main__", None)
+    try:
+        yield
+    finally:
+        main.__spec__ = spec
 
 
 def _discard(pool: ProcessPoolExecutor, grace_s: float = 0.0) -> None:
@@ -181,7 +202,8 @@ class AsyncEquivalence:
             self._pool = _pool()
             # The worker's start and imports take seconds on a busy machine; checks wait for
             # them apart from their own time limit, so a slow start is not a wrong verdict.
-            self._started = self._pool.submit(_start_worker)
+            with _main_not_rerun():  # the pool starts its worker on this first submit
+                self._started = self._pool.submit(_start_worker)
         return self._pool
 
     def warm(self) -> None:
