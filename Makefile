@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install engine test-deps demo test test-unit bench clean
+.PHONY: install engine test-deps bench-deps demo test test-unit bench clean
 
 install: $(STAMP)
 
@@ -24,17 +24,20 @@ engine:
 test-deps:
 	bash scripts/test-deps.sh
 
+# What the benchmarks drive load with (wrk); the unit tests check that path too.
+bench-deps:
+	bash scripts/bench-deps.sh
+
 demo: install
 	$(BIN)/dynasorctl demo
 
-test-unit: install test-deps
+test-unit: install test-deps bench-deps
 	$(BIN)/pytest -m "not engine" -q
 
-test: install engine test-deps
+test: install engine test-deps bench-deps
 	$(BIN)/pytest -q
 
-bench: install
-	bash scripts/bench-deps.sh
+bench: install bench-deps
 	$(BIN)/dynasorctl bench proxy
 
 clean:

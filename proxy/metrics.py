@@ -125,6 +125,15 @@ class Metrics:
         "dynasor_records_written_total", "counter", "Request records written to the store.")
     records_dropped: int = metric(
         "dynasor_records_dropped_total", "counter", "Request records lost (queue full).")
+    records_sanitised: int = metric(
+        "dynasor_records_sanitised_total", "counter",
+        "Request records stored with values made to fit their columns (e.g. text cut).")
+    records_rejected: int = metric(
+        "dynasor_records_rejected_total", "counter",
+        "Request records the store refused even sanitised: dropped alone, logged.")
+    writer_restarts: int = metric(
+        "dynasor_store_writer_restarts_total", "counter",
+        "Times the store writer task stopped unexpectedly and was restarted.")
     write_errors: int = metric(
         "dynasor_store_write_errors_total", "counter", "Failed store writes (retried).")
     record_queue_depth: Callable[[], int] = metric(

@@ -13,12 +13,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from proxy.control.guardrails import GuardrailSettings
 from proxy.core.certaindex import DEFAULT_PROBE_SUFFIX
+from proxy.upstream.url import UpstreamUrl, parse_upstream
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DYNASOR_", extra="forbid")
 
-    upstream_url: str = Field("http://127.0.0.1:8000", description="base URL of the vLLM or SGLang server")
+    upstream_url: str = Field(
+        "http://127.0.0.1:8000", description="base URL of the vLLM or SGLang server "
+        "(`http://user:pass@host` sends Basic credentials; a trailing /v1 is dropped)"
+    )
     upstream_api_key: str | None = Field(
         None, description="key sent upstream as a Bearer token; replaces the client's Authorization"
     )
@@ -37,6 +41,13 @@ class Settings(BaseSettings):
     probe_concurrency: int = Field(8, ge=1, description="probes in flight at once, all requests")
     probe_max_per_request: int = Field(256, ge=1, description="most probes for one request")
     record_queue_size: int = Field(10_000, ge=1, description="records buffered for the store")
+    request_body_timeout_s: float = Field(
+        30.0, gt=0, description="longest wait for the rest of a client's request body (then 400)"
+    )
+    shutdown_grace_s: float = Field(
+        20.0, ge=0, description="on SIGTERM/SIGINT, how long in-flight requests may run on before "
+        "they are ended and recorded as interrupted"
+    )
     mode: Literal["observe", "shadow", "enforce"] = Field(
         "observe", description="observe: measure only; shadow: also decide, change nothing; "
         "enforce: stop streams the policy stops (for `enforce_percent` of programs)"
@@ -77,6 +88,16 @@ class Settings(BaseSettings):
     @field_validator("upstream_url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return v.rstrip("/")
+        parse_upstream(v)  # its ValueError names what is wrong, never the password
+        return v.strip().rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> Settings:
+        if self.upstream_api_key and self.upstream.authorization:
+            raise ValueError("upstream_url holds credentials and upstream_api_key is set: use one")
+        return self
+
+    @property
+    def upstream(self) -> UpstreamUrl:
+        """The upstream URL as the proxy uses and shows it (see `proxy.upstream.url`)."""
+        return parse_upstream(self.upstream_url)

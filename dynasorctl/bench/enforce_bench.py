@@ -49,6 +49,7 @@ class Received:
     full_answer: str | None  # the unstopped run's answer (a program's majority)
     full_correct: bool
     gold: str | None
+    past_decision: int = 0  # tokens generated after the decision, while its probe was answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,7 @@ class Observed:
     accuracy_policy: float
     probes: int
     probe_tokens: int
+    past_decision: float  # share of all tokens generated after the decisions (probe latency)
 
 
 async def _trace_client(proxy_url: str, trace: CotTrace, client: httpx.AsyncClient) -> Received:
@@ -80,9 +82,10 @@ async def _trace_client(proxy_url: str, trace: CotTrace, client: httpx.AsyncClie
                 for choice in data.get("choices") or ():
                     text.append((choice.get("delta") or {}).get("content") or "")
     stopped = ext is not None
-    return Received(extract_boxed("".join(text)),
-                    int(ext["generated_tokens"]) if stopped else trace.completion_tokens, stopped,
-                    trace.completion_tokens, trace.final_answer, bool(trace.final_correct), trace.gold)
+    generated = int(ext["generated_tokens"]) if stopped else trace.completion_tokens
+    return Received(extract_boxed("".join(text)), generated, stopped,
+                    trace.completion_tokens, trace.final_answer, bool(trace.final_correct), trace.gold,
+                    max(generated - int(ext["stop_token"]), 0) if stopped else 0)
 
 
 def _program_client(grader: Grader) -> Callable[[str, ScProgram, httpx.AsyncClient], Awaitable[Received]]:
@@ -135,6 +138,7 @@ def observed(received: list[Received], db_url: str, grader: Grader) -> Observed:
         net_saved=(total - generated - cost) / total,
         accuracy_full=right_full / n, accuracy_policy=right_policy / n,
         probes=probes, probe_tokens=probe_tokens,
+        past_decision=sum(r.past_decision for r in received) / total,
     )
 
 

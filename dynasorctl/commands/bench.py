@@ -194,10 +194,14 @@ def enforce(
         ("accuracy, policy", predicted.accuracy_policy, observed.accuracy_policy),
         ("stopped", predicted.stopped, observed.stopped),
         ("net saved", predicted.net_saved, observed.net_saved),
+        # evaluate stops at the probe's position; the stream goes on until the probe answers
+        ("net saved at the decisions", predicted.net_saved, observed.net_saved + observed.past_decision),
     ]
     for name, want, got in rows:
         if want is None:
             continue
         table.add_row(name, f"{want:.1%}", f"{got:.1%}", f"{(got - want) * 100:+.1f} pts")
     console.print(table)
-    console.print(f"probes sent by the proxy: {observed.probes:,} ({observed.probe_tokens:,} tokens decoded)")
+    console.print(f"probes sent by the proxy: {observed.probes:,} ({observed.probe_tokens:,} tokens decoded); "
+                  f"{observed.past_decision:.1%} of all tokens were generated after a decision, "
+                  "while its probe was being answered")

@@ -128,7 +128,7 @@ def _observations(traces: list[Path] | None, trials: list[Path] | None, db: str 
 
 def _from_store(db: str | None, model: str, kind: Kind) -> _Source:
     """The store's runs (or programs) of `model`: default store unless --db says otherwise."""
-    engine = store(db)
+    engine = store(db, existing=True)
     url = engine.url.render_as_string()
     scope = None if model == "*" else model
     of_model = "" if scope is None else f" of model {model!r}"

@@ -8,7 +8,7 @@ import typer
 
 from dynasorctl.errors import UserError
 from dynasorctl.options import DbOption
-from proxy.store.db import StoreError, default_url, make_engine
+from proxy.store.db import StoreError, default_url, make_engine, must_exist
 
 
 def dashboard(
@@ -24,7 +24,9 @@ def dashboard(
     try:
         # No migration: the dashboard reads what is there; a store it cannot read shows
         # in its banner rather than stopping it.
-        engine = make_engine(db or default_url())
+        url = db or default_url()
+        must_exist(url)  # reading a store that is not there must not create an empty one
+        engine = make_engine(url)
     except StoreError as exc:
         raise UserError(str(exc)) from exc
     create_app(StoreSource(engine), proxy_url=proxy).run()

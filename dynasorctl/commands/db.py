@@ -21,7 +21,7 @@ def upgrade(db: DbOption = None) -> None:
 @db_app.command()
 def current(db: DbOption = None) -> None:
     """Print the store's schema revision and the newest one known."""
-    engine = store(db, migrate=False)
+    engine = store(db, migrate=False, existing=True)
     try:
         rev = storedb.current(engine)
     except storedb.StoreError as exc:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import socket
 import tomllib
 from collections.abc import Callable
@@ -12,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from dynasorctl.errors import UserError, err_console
 from dynasorctl.options import DbOption, store
@@ -40,7 +43,19 @@ def load_settings(config: Path | None, **overrides: Any) -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise UserError(f"invalid setting {field}: {first['msg']}") from exc
+        raise UserError(f"invalid setting {field}{_from_env(field, values)}: {first['msg']}") from exc
+    except SettingsError as exc:  # an environment value that is not the JSON its field needs
+        found = re.search(r'field "([^"]+)"', str(exc))
+        field = found[1] if found else "settings"
+        why = str(exc.__cause__).splitlines()[0] if exc.__cause__ else "cannot be read"
+        raise UserError(f"invalid setting {field}{_from_env(field, values)}: "
+                        f"not valid JSON ({why})") from exc
+
+
+def _from_env(field: str, given: dict[str, Any]) -> str:
+    """Where a bad value came from, when it was the environment (flags and files say so)."""
+    name = f"DYNASOR_{field.split('.')[0].upper()}"
+    return f" (from {name})" if field.split(".")[0] not in given and name in os.environ else ""
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -52,7 +67,8 @@ def check_port_free(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
-def _config(app: Any, host: str, port: int, lifespan: str = "on", log_format: str = "text") -> Any:
+def _config(app: Any, host: str, port: int, lifespan: str = "on", log_format: str = "text",
+            grace_s: float | None = None) -> Any:
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
@@ -60,23 +76,62 @@ def _config(app: Any, host: str, port: int, lifespan: str = "on", log_format: st
     # uvicorn's own lines go through the root logger's JSON handler, not its text one.
     return uvicorn.Config(app, host=host, port=port, loop="uvloop", http="httptools",
                           log_level="warning", access_log=False, lifespan=lifespan,
-                          server_header=False, date_header=False,
+                          server_header=False, date_header=False, timeout_graceful_shutdown=grace_s,
                           log_config=None if log_format == "json" else LOGGING_CONFIG)
 
 
+def _server(config: Any) -> Any:
+    import uvicorn
+
+    class ProxyServer(uvicorn.Server):
+        """uvicorn, but a second SIGINT/SIGTERM ends in-flight requests now instead of
+        skipping the application's shutdown: they are still ended, recorded and flushed."""
+
+        _loop: Any = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:
+                super().handle_exit(sig, frame)
+                return
+            self._captured_signals.append(sig)
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._end_now)
+
+        async def serve(self, sockets: Any = None) -> None:
+            import asyncio
+
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def _end_now(self) -> None:
+            tasks = list(self.server_state.tasks)
+            if tasks:
+                logging.getLogger("dynasor").warning(
+                    "second signal: ending %d in-flight requests now", len(tasks))
+            for task in tasks:
+                task.cancel()
+
+    return ProxyServer(config)
+
+
 def serve(app: Any, host: str, port: int, admin: Any = None, admin_port: int = 0,
-          log_format: str = "text") -> None:
-    """Serve the proxy (and the admin API on loopback) until SIGINT/SIGTERM; shutdown flushes."""
+          log_format: str = "text", grace_s: float | None = None) -> None:
+    """Serve the proxy (and the admin API on loopback) until SIGINT/SIGTERM; shutdown flushes.
+
+    In-flight requests get `grace_s` to finish; then they are ended and recorded as
+    interrupted. A second signal ends them at once; the records are flushed either way.
+    """
     import asyncio
 
-    import uvicorn
     import uvloop
 
-    main = uvicorn.Server(_config(app, host, port, log_format=log_format))
+    main = _server(_config(app, host, port, log_format=log_format, grace_s=grace_s))
     if admin is None:
         main.run()
         return
     # The admin API shares the proxy's lifespan: it stops when the proxy stops.
+    import uvicorn
+
     side = uvicorn.Server(_config(admin, "127.0.0.1", admin_port, lifespan="off",
                                   log_format=log_format))
 
@@ -141,26 +196,29 @@ def observe(
     what = {"observe": "observing", "shadow": "shadowing", "enforce": "enforcing"}[settings.mode]
     announce = _announcer(settings.log_format)
     announce(
-        f"dynasor {what} {settings.upstream_url} on http://{settings.host}:{settings.port} "
+        f"dynasor {what} {settings.upstream.shown} on http://{settings.host}:{settings.port} "
         f"(probe rate {settings.probe_rate:g}, every {settings.probe_interval} tokens"
         + (f"; policy {settings.policy_file}" if settings.policy_file else "")
         + (f", {settings.enforce_percent:g}% enforced" if settings.mode == "enforce" else "") + ")"
         + (f"; traces to {settings.otlp_endpoint}" if settings.otlp_endpoint else "")
     )
+    if settings.upstream.notice:
+        announce(f"note: {settings.upstream.notice}")
     admin = None
     if settings.admin_token:
         from proxy.control.admin import AdminApp
 
         admin = AdminApp(app, settings.admin_token)
         announce(f"admin API on http://127.0.0.1:{settings.admin_port} (token required)")
-    serve(app, settings.host, settings.port, admin, settings.admin_port, settings.log_format)
+    serve(app, settings.host, settings.port, admin, settings.admin_port, settings.log_format,
+          settings.shutdown_grace_s)
 
 
 def _announcer(log_format: str) -> Callable[[str], None]:
     """Start-up lines: for people on the console, or as log events where logs are JSON."""
     if log_format == "json":
         return logging.getLogger("dynasor").info
-    return err_console.print
+    return lambda line: err_console.print(line, markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -31,25 +31,30 @@ from proxy.pipeline.assemble import SampleStream, streaming_body
 from proxy.pipeline.endings import Endings
 from proxy.pipeline.equivalence import AsyncEquivalence
 from proxy.pipeline.exchange import (
+    END_EARLY_TIMEOUT_S,
     ENFORCED,
     JSON_HEADERS,
+    BodyTimeout,
     Departure,
     Exchange,
     Receive,
+    Response,
     Scope,
     Send,
     assemblable,
+    end_early,
     header,
     json_object,
     probe_headers,
     read_body,
     respond,
+    told,
     written_headers,
 )
 from proxy.pipeline.observe import ResponseObserver
 from proxy.pipeline.probe import Prober
 from proxy.pipeline.programs import PROGRAM_HEADER, Programs
-from proxy.pipeline.record import build_record, decision_of
+from proxy.pipeline.record import bare_record, build_record, decision_of
 from proxy.pipeline.samples import ProgramRun, Sample, program_outcome
 from proxy.pipeline.sse import error_body, error_frame
 from proxy.settings import Settings
@@ -62,6 +67,7 @@ log = logging.getLogger(__name__)
 
 OBSERVED = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 OPERATOR_PATHS = frozenset({"/metrics", "/health", "/health/live", "/health/ready"})
+INTERRUPTED = "interrupted: the proxy is shutting down"
 
 
 class ProxyApp:
@@ -88,6 +94,7 @@ class ProxyApp:
         self.equivalence = AsyncEquivalence()
         self.programs = Programs(self.equivalence, self.metrics)
         self._finalizing: set[asyncio.Task[None]] = set()
+        self._inflight: set[asyncio.Task[Any]] = set()  # requests being served
         self.control = Control(settings, self.metrics)
         self.endings = Endings(settings, self.metrics, self.upstream, self.programs)
         self.readiness = Readiness(self.upstream)
@@ -109,6 +116,8 @@ class ProxyApp:
 
     async def shutdown(self) -> None:
         await self.control.stop()
+        if self._inflight:  # requests the server interrupted: let them say so and record it
+            await asyncio.wait(self._inflight, timeout=END_EARLY_TIMEOUT_S + 3)
         if self._finalizing:
             await asyncio.wait(self._finalizing, timeout=10)
         if self.recorder is not None:
@@ -136,10 +145,43 @@ class ProxyApp:
         path, method = scope["path"], scope["method"]
         if method == "GET" and path in OPERATOR_PATHS:
             await self._operator(path, scope, send)
-        elif path in OBSERVED and method == "POST":
-            await self._observed(scope, receive, send, OBSERVED[path])
         else:
-            await self._passthrough(scope, receive, send)
+            observed = OBSERVED.get(path) if method == "POST" else None
+            ex = Exchange(uuid.uuid4().hex if observed else "", observed or "", None,
+                          time.perf_counter(), None, None, None, client_headers=scope["headers"])
+            await self._guarded(scope, receive, Response(send), ex)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Response, ex: Exchange) -> None:
+        """One request, whatever happens to it: ended for the client, counted, recorded.
+
+        A cancellation that is not the client leaving (Departure handles that) is the
+        proxy shutting down: the request is interrupted, and says so.
+        """
+        me = asyncio.current_task()
+        assert me is not None
+        self._inflight.add(me)
+        try:
+            try:
+                await (self._observed(scope, receive, send, ex) if ex.kind
+                       else self._passthrough(scope, receive, send, ex))
+            except asyncio.CancelledError:
+                me.uncancel()
+                ex.error = ex.error or INTERRUPTED
+                ex.status = await told(me, end_early(send, INTERRUPTED, "proxy_shutdown", 503)) or ex.status
+            except BodyTimeout as exc:  # not a request yet: counted, not recorded
+                ex.body, ex.error, ex.status = None, str(exc), 400
+                # The rest of the body may still come: the connection cannot carry another request.
+                await told(me, respond(send, 400, error_body(str(exc), "invalid_request_error", 400),
+                                        [*JSON_HEADERS, (b"connection", b"close")]))
+            except Exception as exc:  # a bug must cost one request, not the proxy
+                log.exception("request %s failed inside the proxy", ex.request_id or scope["path"])
+                ex.error = f"proxy error: {type(exc).__name__}: {exc}"
+                ex.status = await told(me, end_early(
+                    send, f"internal error in the proxy ({type(exc).__name__})", "proxy_error", 500)) or ex.status
+            ex.finished = ex.finished or time.perf_counter()
+            self._after(scope, ex)
+        finally:
+            self._inflight.discard(me)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -173,10 +215,12 @@ class ProxyApp:
         await respond(send, status, json.dumps(answer).encode(), JSON_HEADERS)
 
     def health(self) -> dict[str, Any]:
-        rec = self.recorder
+        rec, m = self.recorder, self.metrics
         store_ok = rec is None or rec.healthy
-        # Lost records stay visible until restart: the operator must learn of them.
-        ok = store_ok and self.metrics.records_dropped == 0
+        # Lost records, and a writer that had to be restarted, stay visible until restart:
+        # the operator must learn of them.
+        ok = (store_ok and m.records_dropped == 0 and m.records_rejected == 0 and m.writer_restarts == 0
+              and (rec is None or rec.running))
         return {
             "status": "ok" if ok else "degraded",
             "rollout": self._rollout_health(),
@@ -185,12 +229,15 @@ class ProxyApp:
             "store": {
                 "ok": store_ok,
                 "pending": rec.pending if rec else 0,
-                "written": self.metrics.records_written,
-                "dropped": self.metrics.records_dropped,
-                "write_errors": self.metrics.write_errors,
+                "written": m.records_written,
+                "dropped": m.records_dropped,
+                "sanitised": m.records_sanitised,
+                "rejected": m.records_rejected,
+                "write_errors": m.write_errors,
+                "writer": {"running": rec.running if rec else False, "restarts": m.writer_restarts},
                 "last_error": rec.last_error if rec else None,
             },
-            "active_streams": self.metrics.active_streams,
+            "active_streams": m.active_streams,
         }
 
     def _rollout_health(self) -> dict[str, Any]:
@@ -204,12 +251,11 @@ class ProxyApp:
 
     # -- the pipeline --------------------------------------------------------
 
-    async def _observed(self, scope: Scope, receive: Receive, send: Send, kind: str) -> None:
-        started = time.perf_counter()
-        raw = await read_body(receive)
-        body = json_object(raw)
+    async def _observed(self, scope: Scope, receive: Receive, send: Send, ex: Exchange) -> None:
+        raw = await read_body(receive, self.settings.request_body_timeout_s)
+        body = ex.body = json_object(raw)
+        kind = ex.kind
         headers: Headers = scope["headers"]
-        ex = Exchange(uuid.uuid4().hex, kind, body, started, None, None, None, client_headers=headers)
         REQUEST_ID.set(ex.request_id)  # for log lines, here and in the tasks this request starts
         if body is not None:
             stream = bool(body.get("stream"))
@@ -222,18 +268,15 @@ class ProxyApp:
             ex.mode = ex.plan.mode
             if ex.mode == "off":  # the client opted out: a plain relay, not recorded
                 await self._relay(scope, receive, send, raw, ex)
-                self._count(scope["path"], ex)
                 return
             watched = ex.mode in ("shadow", "enforce") and self._should_probe(kind, body, ex.mode)
             if n > 1 and ex.plan.sc is not None and watched and assemblable(body, ex.mode):
                 await self._program(scope, receive, send, ex, ex.plan.sc)
-                self._after(scope, ex)
                 return
             ex.member = n == 1 and ex.plan.sc is not None and watched
             verdict = self.programs.verdict(tag) if ex.member and tag and ex.mode == "enforce" else None
             if verdict is not None:  # the program is decided: this sample is not generated
                 await self.endings.from_verdict(send, ex, verdict)
-                self._after(scope, ex)
                 return
             ex.assembled = not stream and n == 1 and assemblable(body, ex.mode)
             if (stream or ex.assembled) and n == 1 and self._should_probe(kind, body, ex.mode):
@@ -249,24 +292,26 @@ class ProxyApp:
             ex.observer = ResponseObserver(kind, stream or ex.assembled,
                                            ex.probes.on_tokens if ex.probes else None,
                                            interval or self.settings.probe_interval, live=ex.member)
-        await self._relay(scope, receive, send, raw, ex)
-        if ex.probes is not None:
-            await ex.probes.close()
-        self._after(scope, ex)
+        try:
+            await self._relay(scope, receive, send, raw, ex)
+        finally:
+            if ex.probes is not None:
+                await ex.probes.close()
 
     def _after(self, scope: Scope, ex: Exchange) -> None:
-        """Count the request and record it, off the request path."""
+        """Count the request and record it, off the request path (once)."""
+        if ex.recorded:
+            return
+        ex.recorded = True
         self._count(scope["path"], ex)
-        if ex.body is not None and self.recorder is not None:
+        if ex.body is not None and ex.mode != "off" and self.recorder is not None:
             task = asyncio.create_task(self._finalize(ex))
             self._finalizing.add(task)
             task.add_done_callback(self._finalizing.discard)
 
-    async def _passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = await read_body(receive)
-        ex = Exchange("", "", None, time.perf_counter(), None, None, None)
+    async def _passthrough(self, scope: Scope, receive: Receive, send: Send, ex: Exchange) -> None:
+        raw = await read_body(receive, self.settings.request_body_timeout_s)
         await self._relay(scope, receive, send, raw, ex)
-        self._count(scope["path"], ex)
 
     def _should_probe(self, kind: str, body: dict[str, Any], mode: Mode) -> bool:
         rate = self.settings.probe_rate
@@ -286,8 +331,7 @@ class ProxyApp:
             except UpstreamError as exc:
                 self.metrics.upstream_errors[exc.kind] += 1
                 ex.status, ex.error = exc.status, str(exc)
-                kind = "upstream_timeout" if exc.kind == "timeout" else "upstream_unavailable"
-                await respond(send, exc.status, error_body(str(exc), kind, exc.status), JSON_HEADERS)
+                await respond(send, exc.status, error_body(str(exc), exc.error_type, exc.status), JSON_HEADERS)
                 return
             ex.status = resp.status
             await self._stream(receive, send, resp, ex)
@@ -304,6 +348,8 @@ class ProxyApp:
         client = Departure(receive)
         observer = ex.observer
         is_sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in resp.headers)
+        if observer is not None:
+            observer.framing(is_sse)
         enforcing = is_sse and ((ex.probes is not None and ex.probes.enforcing)
                                 or (ex.member and ex.mode == "enforce"))
         assembling = ex.assembled and is_sse and resp.status == 200
@@ -326,7 +372,12 @@ class ProxyApp:
             ex.error = str(exc)
             if is_sse and not assembling:  # the client still gets a well-formed end of stream
                 client.stop()
-                await send({"type": "http.response.body", "body": error_frame(str(exc)), "more_body": True})
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": error_frame(str(exc), exc.error_type, exc.status)})
+            elif not assembling:  # a body cut mid-way: the client must see it cut, not shorter
+                log.warning("request %s: %s; the client's response is cut off too",
+                            ex.request_id or "(not observed)", exc)
+                return
         except asyncio.CancelledError:
             client.left(ex)
         except OSError:  # some servers raise on send() to a closed connection
@@ -394,9 +445,9 @@ class ProxyApp:
             else:
                 outcome = ex.observer.finish() if ex.observer else None
             record = await build_record(ex, outcome, self)
-        except Exception:  # a record must never take the proxy down; say what failed
-            log.exception("could not build the record of request %s", ex.request_id)
-            return
+        except Exception as exc:  # keep what is known rather than nothing
+            log.exception("could not build the whole record of request %s", ex.request_id)
+            record = bare_record(ex, self.upstream.base_url, f"record incomplete: {type(exc).__name__}")
         assert self.recorder is not None
         if ex.member and ex.plan is not None and ex.plan.sc is not None and ex.program_id:
             verdict = self.programs.decide(ex.program_id, ex.plan.sc)
@@ -411,7 +462,7 @@ class ProxyApp:
             stop = None if ex.member else decision_of(ex)
             await self.control.judge(ex.plan, ex.status != 200 or ex.error is not None,
                                      ex.finished - ex.started, stop.answer if stop else None,
-                                     req["final_answer"], stop is not None)
+                                     req.get("final_answer"), stop is not None)
 
     def _count(self, path: str, ex: Exchange) -> None:
         endpoint = path if path in OBSERVED or path in ("/v1/models",) else "other"

@@ -47,6 +47,10 @@ class Outcome:
     error: str | None = None
 
 
+def _count(value: Any, otherwise: int | None) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else otherwise
+
+
 # Called with a choice each time its token count reaches a multiple of the probe interval.
 OnTokens = Callable[[ChoiceText], None]
 
@@ -68,6 +72,11 @@ class ResponseObserver:
             # Nothing parsed on the way: feeding a chunk is a bare list append (once per chunk
             # on the relay path, so no Python call of our own).
             self.feed = self._raw.append  # type: ignore[method-assign]
+
+    def framing(self, sse: bool) -> None:
+        """What the response turned out to be: a request for a stream may get a JSON error."""
+        if not sse and self._stream:
+            self._stream, self._sse = False, None
 
     def feed(self, chunk: bytes) -> None:
         """Take a copy of a chunk the client is sent (parsed now only when live)."""
@@ -108,9 +117,9 @@ class ResponseObserver:
             self._apply(body)
 
     def _usage(self, usage: Any) -> None:
-        if isinstance(usage, dict):
-            self._out.prompt_tokens = usage.get("prompt_tokens", self._out.prompt_tokens)
-            self._out.completion_tokens = usage.get("completion_tokens", self._out.completion_tokens)
+        if isinstance(usage, dict):  # counts are taken only as counts: the upstream may send anything
+            self._out.prompt_tokens = _count(usage.get("prompt_tokens"), self._out.prompt_tokens)
+            self._out.completion_tokens = _count(usage.get("completion_tokens"), self._out.completion_tokens)
 
     def _event(self, data: bytes) -> None:
         if data == b"[DONE]":
@@ -137,7 +146,7 @@ class ResponseObserver:
         if usage is not None:
             self._usage(usage)
         model = body.get("model")
-        if model:
+        if model and model.__class__ is str:
             out.model = model
         if not self.envelope and "id" in body:  # the same on every chunk of a stream
             self.envelope = {k: body[k] for k in ("id", "object", "created", "model") if k in body}

@@ -39,6 +39,21 @@ def prompt_hash(kind: str, body: dict[str, Any]) -> str:
     return _sha(prompt_text(kind, body))
 
 
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def bare_record(ex: Exchange, upstream: str, error: str) -> Record:
+    """What is known of a request whose whole record could not be built."""
+    body = ex.body or {}
+    return Record({
+        "id": ex.request_id, "created_at": datetime.now(UTC), "model": _text(body.get("model")),
+        "kind": ex.kind, "upstream": upstream, "mode": ex.mode, "stream": bool(body.get("stream")),
+        "status_code": ex.status, "error": ex.error or error,
+        "latency_ms": (ex.finished - ex.started) * 1000, "program_id": ex.program_id,
+    })
+
+
 def decision_of(ex: Exchange) -> StopInfo | None:
     """Where the policy stopped (or would have): a probe position, or for a request of several
     samples the number of answers it had read."""
@@ -77,7 +92,7 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
     request: dict[str, Any] = {
         "id": ex.request_id,
         "created_at": now,
-        "model": (outcome.model if outcome and outcome.model else None) or body.get("model"),
+        "model": (outcome.model if outcome and outcome.model else None) or _text(body.get("model")),
         "kind": ex.kind,
         "upstream": app.upstream.base_url,
         "mode": ex.mode,

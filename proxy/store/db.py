@@ -114,12 +114,36 @@ def check_writable(engine: Engine) -> None:
         conn.rollback()
 
 
-def open_store(url: str | None = None, migrate: bool = True) -> Engine:
-    """The engine for `url` (default location otherwise), migrated to the newest schema."""
-    engine = make_engine(url or default_url())
+def open_store(url: str | None = None, migrate: bool = True, existing: bool = False) -> Engine:
+    """The engine for `url` (default location otherwise), migrated to the newest schema.
+
+    With `existing`, a store that does not exist yet is a StoreError instead of being
+    created (commands that only read must not leave an empty store behind).
+    """
+    url = url or default_url()
+    if existing:
+        must_exist(url)
+    engine = make_engine(url)
+    if existing and not has_schema(engine):
+        raise StoreError(f"no store at {engine.url.render_as_string()}: the database holds no "
+                         "dynasor tables (start `dynasorctl observe` on it, or point --db elsewhere)")
     if migrate:
         upgrade(engine)
     return engine
+
+
+def must_exist(url: str) -> None:
+    """StoreError when `url` names an SQLite file that is not there (other databases: see
+    `open_store(existing=True)`)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise StoreError(f"not a database URL: {url!r}") from exc
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = Path(parsed.database).expanduser()
+        if not path.exists():
+            raise StoreError(f"no store at {path}: nothing has been recorded there (start "
+                             "`dynasorctl observe`, or point --db or DYNASOR_DB_URL at a store)")
 
 
 def _reason(exc: SQLAlchemyError) -> str:

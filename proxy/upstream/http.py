@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from proxy.upstream.base import REQUEST_ONLY, Headers, UpstreamError
+from proxy.upstream.url import parse_upstream
 
 HIGH_WATER = 256 * 1024  # buffered body bytes at which reading from the upstream pauses
 IDLE_KEPT = 256  # idle connections kept per upstream
@@ -234,8 +235,9 @@ class HttpUpstream:
         api_key: str | None = None,
         max_connections: int = 1000,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        url = urlsplit(self.base_url)
+        parsed = parse_upstream(base_url)
+        self.base_url = parsed.shown  # credentials never reach a message, a log or the store
+        url = urlsplit(parsed.base)
         self._https = url.scheme == "https"
         self._host = url.hostname or "127.0.0.1"
         self._port = url.port or (443 if self._https else 80)
@@ -244,7 +246,8 @@ class HttpUpstream:
         host_header = name if self._port == default else f"{name}:{self._port}"
         self._prefix = url.path.rstrip("/").encode()
         self._host_header = b"host: " + host_header.encode("ascii") + b"\r\n"
-        self._auth = ("Bearer " + api_key).encode("latin-1") if api_key else None
+        authorization = f"Bearer {api_key}" if api_key else parsed.authorization
+        self._auth = authorization.encode("latin-1") if authorization else None
         self._connect_timeout = connect_timeout_s
         self._read_timeout = read_timeout_s
         self._slots = asyncio.Semaphore(max_connections)

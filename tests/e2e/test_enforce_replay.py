@@ -16,13 +16,16 @@ SC = 'version = 1\nkind = "sc"\nmodel = "*"\n\n[sc]\nthreshold = 0.5\nmin_sample
 
 
 def _row(out: str, name: str) -> tuple[float, float]:
-    match = re.search(rf"{name}\s*│\s*([-\d.]+)%\s*│\s*([-\d.]+)%", out)
+    match = re.search(rf"{name}\s+│\s*([-\d.]+)%\s*│\s*([-\d.]+)%", out)
     assert match, out
     return float(match.group(1)), float(match.group(2))
 
 
+# 100 tokens a second per stream (4 times a real engine's here): at 500, on a machine busy with
+# other work, streams outran their probes, so decisions came late or not at all (stopped 75%
+# instead of 87.5%, net saved 13 points short).
 @pytest.mark.parametrize(("policy_text", "traces", "speed"),
-                         [(COT, PACKAGED_SAMPLE, "500"), (SC, PACKAGED_SC_SAMPLE, "5000")],
+                         [(COT, PACKAGED_SAMPLE, "100"), (SC, PACKAGED_SC_SAMPLE, "5000")],
                          ids=["chain-of-thought", "self-consistency"])
 def test_enforced_accuracy_and_savings_match_evaluate_within_a_point(tmp_path, policy_text, traces, speed):
     policy = tmp_path / "policy.toml"

@@ -145,8 +145,8 @@ def test_the_python_load_generator_drives_the_fake_upstream(servers):
     assert 0 < result.p50_ms <= result.p99_ms
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 def test_wrk_posts_the_body_and_reports_through_the_lua_script(servers, tmp_path):
+    assert shutil.which("wrk"), "wrk is not installed: `make test` installs it (scripts/bench-deps.sh)"
     up, _ = servers
     result = load.run_wrk(up.url + "/v1/chat/completions", proxy_bench.request_body(False), 2, 1,
                           None, tmp_path)

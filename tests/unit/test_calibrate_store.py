@@ -286,6 +286,7 @@ def test_self_consistency_from_the_store(tmp_path: Path, cache: Path) -> None:
 
 def test_empty_store(tmp_path: Path, cache: Path) -> None:
     url = f"sqlite:///{tmp_path}/empty.db"
+    db.open_store(url)  # a store with nothing recorded yet (one that does not exist is no store)
     message = user_error(["calibrate", "--db", url], cache)
     need = targets.problems_needed(Target(None, 0.005), 0.05)  # no labels: answers changed
     assert message.startswith(f"the store has 0 probed requests of 0 problems (distinct "
@@ -294,6 +295,7 @@ def test_empty_store(tmp_path: Path, cache: Path) -> None:
     assert f"record more traffic into {url}," in message and "--traces FILE" in message
     # Without --traces the default store is read (here under the test's XDG_DATA_HOME).
     default = f"sqlite:///{tmp_path}/xdg/dynasor/dynasor.db"
+    db.open_store(default)
     assert user_error(["calibrate"], cache) == message.replace(url, default)
     assert "0 self-consistency programs" in user_error(["calibrate", "--kind", "sc", "--db", url],
                                                        cache)

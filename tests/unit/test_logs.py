@@ -130,8 +130,19 @@ def test_observe_with_json_logs_writes_only_json_lines(tmp_path):
         upstream.shutdown()
         thread.join()
         upstream.server_close()
-    lines = [json.loads(line) for line in log.read_text().splitlines()]  # every line is JSON
+    text = log.read_text()
+    not_json = [line for line in text.splitlines() if not _is_json(line)]
+    assert not_json == [], text  # every line is JSON
+    lines = [json.loads(line) for line in text.splitlines()]
     assert lines[0]["event"].startswith("dynasor observing http://127.0.0.1:")
     failed = [line for line in lines if "probe at 64 tokens failed" in line["event"]]
     assert len(failed) == 1 and failed[0]["level"] == "warning"
     assert len(failed[0]["request_id"]) == 32
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True

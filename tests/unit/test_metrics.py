@@ -22,7 +22,9 @@ NAMES = {
     "dynasor_requests_total", "dynasor_upstream_errors_total", "dynasor_probes_total",
     "dynasor_probe_tokens_total", "dynasor_main_tokens_total", "dynasor_policy_stops_total",
     "dynasor_guardrail_rollbacks_total", "dynasor_active_streams", "dynasor_records_written_total",
-    "dynasor_records_dropped_total", "dynasor_store_write_errors_total",
+    "dynasor_records_dropped_total", "dynasor_records_sanitised_total",
+    "dynasor_records_rejected_total", "dynasor_store_writer_restarts_total",
+    "dynasor_store_write_errors_total",
     "dynasor_record_queue_depth", "dynasor_request_duration_seconds", "dynasor_certaindex",
 }
 

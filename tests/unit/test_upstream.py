@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 
@@ -114,6 +115,29 @@ async def test_silent_upstream_maps_to_timeout(server):
     finally:
         await up.aclose()
     assert err.value.kind == "timeout" and err.value.status == 504
+
+
+async def test_credentials_in_the_url_become_basic_auth_and_a_v1_suffix_is_dropped(server):
+    secret_url = server.replace("http://", "http://ops:s%3Acret@") + "/v1/"
+    up = HttpUpstream(secret_url)
+    try:
+        resp = await up.send("POST", "/v1/chat/completions", [(b"authorization", b"Bearer client")], b"")
+        data = json.loads(await _read(resp))
+    finally:
+        await up.aclose()
+    assert data["path"] == "/v1/chat/completions"  # not /v1/v1/...
+    assert data["headers"]["authorization"] == "Basic " + base64.b64encode(b"ops:s:cret").decode()
+    assert up.base_url == server.replace("http://", "http://ops:***@")
+
+
+async def test_errors_name_the_upstream_without_its_password():
+    up = HttpUpstream(f"http://ops:s3cret@127.0.0.1:{_free_port()}")
+    try:
+        with pytest.raises(UpstreamError) as err:
+            await up.send("GET", "/", [], b"")
+    finally:
+        await up.aclose()
+    assert "s3cret" not in str(err.value) and "ops:***@127.0.0.1" in str(err.value)
 
 
 # -- exact wire cases, against a raw TCP server that writes scripted bytes -------------------
