@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install engine demo test test-unit bench clean
+.PHONY: install engine services demo test test-unit bench clean
 
 install: $(STAMP)
 
@@ -23,10 +23,16 @@ engine:
 demo: install
 	$(BIN)/dynasorctl demo
 
-test-unit: install
+# What the store and router tests run against: Debian's PostgreSQL server (started and
+# stopped by the tests themselves) and the PyPI builds of vLLM's and SGLang's routers.
+services:
+	bash scripts/postgres.sh
+	bash scripts/routers.sh
+
+test-unit: install services
 	$(BIN)/pytest -m "not engine" -q
 
-test: install engine
+test: install engine services
 	$(BIN)/pytest -q
 
 bench: install
@@ -34,4 +40,4 @@ bench: install
 	$(BIN)/dynasorctl bench proxy
 
 clean:
-	rm -rf $(VENV) .venv-engine .venv-sglang .cache
+	rm -rf $(VENV) .venv-engine .venv-sglang .venv-router .cache
