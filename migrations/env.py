@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 from sqlalchemy import create_engine, text
 
@@ -15,7 +17,7 @@ config = context.config
 applied = config.attributes.get("applied")  # proxy.store.db.upgrade reports these
 
 
-def _applied(*, step, **_kw) -> None:  # noqa: ANN001 - Alembic's callback signature
+def _applied(*, step: Any, **_kw: Any) -> None:  # Alembic's on_version_apply
     if applied is not None:
         applied.extend(step.up_revision_ids if step.is_upgrade else step.down_revision_ids)
 
