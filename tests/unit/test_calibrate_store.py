@@ -137,8 +137,9 @@ def keyed_by_prompt(rows: list[dict]) -> list[dict]:
     return out
 
 
-def new_store(path: Path, records: list[Record]) -> str:
-    url = f"sqlite:///{path}"
+def new_store(path: Path | str, records: list[Record]) -> str:
+    """A store at `path` (a SQLite file) or URL holding `records`; its URL."""
+    url = path if isinstance(path, str) else f"sqlite:///{path}"
     write_records(db.open_store(url), records)
     return url
 
@@ -182,9 +183,9 @@ def labelled(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> dict:
     return {"url": url, "runs": runs}
 
 
-def test_store_runs_are_the_trace_runs() -> None:
+def test_store_runs_are_the_trace_runs(store_url: str) -> None:
     traces = read_records(PACKAGED_SAMPLE)
-    engine = db.open_store("sqlite://")
+    engine = db.open_store(store_url)
     write_records(engine, cot_records(traces))
     found = load_runs(engine)
     expected = [run_from_trace(t) for t in load(PACKAGED_SAMPLE)]
@@ -257,9 +258,9 @@ def test_without_text_learned_rules_decide_on_probes_alone(tmp_path: Path, cache
         assert all(w == 0.0 for f, w in zip(rule.features, rule.weights) if f in TEXT_FEATURES)
 
 
-def test_self_consistency_from_the_store(tmp_path: Path, cache: Path) -> None:
+def test_self_consistency_from_the_store(tmp_path: Path, cache: Path, store_url: str) -> None:
     programs = read_records(SC_SAMPLE)
-    url = new_store(tmp_path / "s.db", sc_records(programs))
+    url = new_store(store_url, sc_records(programs))
     hashes = [prompt_hash("chat", body(p["problem"], p["model"])) for p in programs]
     found = load_programs(db.open_store(url))
     assert [p.program_id for p in found] == sorted(p["program_id"] for p in programs)
