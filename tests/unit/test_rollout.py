@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, event, func, insert, inspect, select, text
