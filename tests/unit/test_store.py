@@ -100,3 +100,15 @@ def test_every_migration_keeps_probes_and_samples(store_url):
         assert s.scalar(select(func.count()).select_from(RequestRow)) == 2
         assert s.scalar(select(func.count()).select_from(ProbeRow)) == 2
         assert s.scalar(select(func.count()).select_from(SampleRow)) == 2
+
+
+def test_a_batch_written_again_lands_once(store_url):
+    """A retried batch whose first commit did land (the server went away mid-commit) adds
+    only what is new: no duplicate request, probe or sample, and the batch is not stuck."""
+    engine = db.open_store(store_url)
+    write_records(engine, [_record("a")])
+    write_records(engine, [_record("a"), _record("b")])
+    with Session(engine) as s:
+        assert sorted(s.scalars(select(RequestRow.id))) == ["a", "b"]
+        assert sorted(s.scalars(select(ProbeRow.request_id))) == ["a", "b"]
+        assert sorted(s.scalars(select(SampleRow.request_id))) == ["a", "b"]
