@@ -164,11 +164,19 @@ def has_schema(engine: Engine) -> bool:
 def open_store(url: str | None = None, migrate: bool = True) -> Engine:
     """The engine for `url` (default location otherwise), migrated to the newest schema."""
     engine = make_engine(url or default_url())
+    try:  # a server that refuses us is named as such, not as a failed migration
+        with engine.connect():
+            pass
+    except SQLAlchemyError as exc:
+        raise StoreError(f"cannot open {engine.url.render_as_string()}: {_reason(exc)}") from exc
     if migrate:
         upgrade(engine)
     return engine
 
 
 def _reason(exc: SQLAlchemyError) -> str:
+    """The driver's message on one line (libpq's spans several)."""
     orig = getattr(exc, "orig", None)
-    return str(orig) if orig is not None else str(exc).splitlines()[0]
+    if orig is None:
+        return str(exc).splitlines()[0]
+    return " ".join(line.strip() for line in str(orig).splitlines() if line.strip())

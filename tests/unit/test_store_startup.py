@@ -68,3 +68,18 @@ def test_no_server_is_one_clear_error():
     url = f"postgresql+psycopg://postgres:x@127.0.0.1:{free_port()}/dynasor"
     with pytest.raises(db.StoreError, match="Connection refused"):
         db.open_store(url)
+
+
+@pytest.mark.parametrize("wrong", ["password", "database"])
+def test_a_proxy_pointed_at_a_wrong_store_says_so_in_one_line(postgres, wrong):
+    url = (postgres.url("postgres", password="wrong") if wrong == "password"
+           else postgres.url("nope"))
+    run = subprocess.run([sys.executable, "-m", "dynasorctl", "observe", "--db", url,
+                          "--port", str(free_port())], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in run.stderr
+    assert ("password authentication failed" if wrong == "password"
+            else 'database "nope" does not exist') in lines[0]
+    assert "wrong" not in lines[0]  # the password is masked in the URL it names
