@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 
@@ -23,6 +25,19 @@ STARTUP_TIMEOUT_S = 60.0
 
 # math-verify's own timeouts use SIGALRM, which only works in the main thread.
 _SIGNAL_TIMEOUT_S = 3
+
+
+def _exit_with_parent(parent: int) -> None:
+    """The worker's initializer: leave once the proxy is gone. A forked worker holds both
+    ends of its own task pipe, so a proxy that exits without stopping it (killed, or gone
+    while the worker was still importing) would leave it waiting for work forever."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _start_worker() -> bool:
@@ -136,7 +151,8 @@ class AsyncEquivalence:
 
     def _worker(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=1)
+            self._pool = ProcessPoolExecutor(max_workers=1, initializer=_exit_with_parent,
+                                             initargs=(os.getpid(),))
             # The worker's start and imports take seconds on a busy machine; checks wait for
             # them apart from their own time limit, so a slow start is not a wrong verdict.
             self._started = self._pool.submit(_start_worker)
