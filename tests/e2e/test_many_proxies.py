@@ -82,7 +82,7 @@ def test_three_proxies_share_one_postgres_store(postgres, tmp_path):
         # The kill switch, from the command line, reaches every proxy within a second.
         killed = subprocess.run([sys.executable, "-m", "dynasorctl", "rollout", "kill",
                                  "--reason", "drill", "--db", db],
-                                capture_output=True, text=True, timeout=120)
+                                capture_output=True, text=True, timeout=120, check=False)
         assert killed.returncode == 0, killed.stderr
         assert _until_all(urls, "observe") <= 1.0
 
