@@ -76,7 +76,7 @@ def test_a_proxy_pointed_at_a_wrong_store_says_so_in_one_line(postgres, wrong):
            else postgres.url("nope"))
     run = subprocess.run([sys.executable, "-m", "dynasorctl", "observe", "--db", url,
                           "--port", str(free_port())], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, check=False)
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in run.stderr
