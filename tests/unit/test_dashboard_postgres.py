@@ -28,7 +28,7 @@ def test_every_dashboard_read_is_index_backed_on_postgres(postgres):
     seed_engine(engine, 3000, now, say=lambda _: None)
     sent: list[tuple[str, object]] = []
 
-    def capture(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+    def capture(conn, cursor, statement, parameters, context, executemany) -> None:
         sent.append((statement, parameters))
 
     source = StoreSource(engine, clock=lambda: now)
