@@ -332,3 +332,24 @@ def test_needed_problems_follow_the_target() -> None:
     # The signed accuracy drop is bounded by betting, which needs more problems than that.
     assert targets.problems_needed(Target(0.005, None), 0.05) > targets.problems_needed(
         Target(None, None, 0.005), 0.05)
+
+
+def test_calibrate_parquet_decides_as_calibrate_db(labelled: dict, tmp_path: Path,
+                                                   cache: Path) -> None:
+    """The store exported to Parquet and calibrated from there, without the store: the same
+    figures and policy; with --db as well, the policy is kept in that store."""
+    from dynasorctl.export import export
+
+    export(db.open_store(labelled["url"]), tmp_path / "export")
+    policy = tmp_path / "parquet.toml"
+    code, out, exc = invoke(["calibrate", "--parquet", str(tmp_path / "export"),
+                             "--max-accuracy-drop", "60", "--out", str(policy)], cache)
+    assert exc is None and code == 0, out
+    db_out, db_policy = labelled["runs"]["db"]
+    assert comparable(out) == comparable(db_out)
+    assert parse_policy_file(policy.read_text()).cot == parse_policy_file(db_policy).cot
+    assert "policy stored" not in out  # no store named: the policy went to --out only
+    assert "32 probed requests, 32 labelled" in parse_policy_file(
+        policy.read_text()).provenance["source"]
+    assert "needs at least" in user_error(["calibrate", "--parquet", str(tmp_path / "export"),
+                                           "--max-accuracy-drop", "0.5"], cache)
