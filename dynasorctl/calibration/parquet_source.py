@@ -15,6 +15,7 @@ guarantee ordered group aggregation out of core.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,21 @@ _COT = ("probed AND status_code = 200 AND finish_reason IS NOT NULL AND program_
 
 def _quoted(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
+
+
+@contextmanager
+def _reading(directory: Path) -> Iterator[Any]:
+    """The export's tables as DuckDB views; an unreadable export is one UserError."""
+    import duckdb
+
+    con = connect(directory)
+    try:
+        yield con
+    except duckdb.Error as exc:
+        raise UserError(f"cannot read the Parquet export at {directory}: "
+                        f"{str(exc).splitlines()[0]}") from exc
+    finally:
+        con.close()
 
 
 def connect(directory: Path) -> Any:
@@ -94,8 +110,7 @@ _PROBE_LISTS = """
 
 def load_runs(directory: Path, model: str | None = None, newest: int | None = None) -> StoreRuns:
     """The export's probed chain-of-thought runs, oldest first (the newest `newest` only)."""
-    con = connect(directory)
-    try:
+    with _reading(directory) as con:
         where, params = _COT, []
         if model is not None:
             where += " AND model = ?"
@@ -116,15 +131,12 @@ def load_runs(directory: Path, model: str | None = None, newest: int | None = No
         runs = [run_from_request(rid, ph, m, final, tokens, txt, _observations(probes),
                                  gold_for(rid, ph, by_request, by_prompt))
                 for rid, ph, m, final, tokens, txt, probes in _batches(cursor)]
-    finally:
-        con.close()
     return StoreRuns(runs, with_text, sum(1 for r in runs if r.gold is not None))
 
 
 def load_programs(directory: Path, model: str | None = None) -> list[ObservedProgram]:
     """The export's self-consistency programs, each sample in drawing order."""
-    con = connect(directory)
-    try:
+    with _reading(directory) as con:
         where, params = "program_id IS NOT NULL AND status_code = 200", []
         if model is not None:
             where += " AND model = ?"
@@ -154,6 +166,4 @@ def load_programs(directory: Path, model: str | None = None) -> list[ObservedPro
             current.append(row)
         if current:
             close()
-    finally:
-        con.close()
     return programs

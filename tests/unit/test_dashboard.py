@@ -520,3 +520,20 @@ def test_dashboard_bench_times_every_query_on_a_seeded_store(tmp_path):
     assert all(t.median_ms >= 0 for t in timings)
     with pytest.raises(FileExistsError):
         dashboard_bench.run(tmp_path / "bench.db", n=10, say=lambda line: None)
+
+
+def test_savings_replay_can_read_a_parquet_export_instead_of_the_store(engine, tmp_path):
+    from sqlalchemy import delete
+
+    from dynasorctl.export import export
+    from proxy.store.models import RequestRow
+
+    before = StoreSource(engine, clock=lambda: NOW).savings(1).active.projected
+    export(engine, tmp_path / "export")
+    with engine.begin() as conn:  # the live store pruned: the export still has the runs
+        conn.execute(delete(RequestRow))
+    from_parquet = StoreSource(engine, clock=lambda: NOW, parquet=tmp_path / "export")
+    assert from_parquet.savings(1).active.projected == before and before.runs == 11
+    assert StoreSource(engine, clock=lambda: NOW).savings(1).active.projected is None
+    with pytest.raises(SourceError, match="holds no Parquet export"):
+        StoreSource(engine, parquet=tmp_path / "none").savings(1)
