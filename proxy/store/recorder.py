@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, insert
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from proxy.metrics import Metrics
 from proxy.store.models import ProbeRow, RequestRow, SampleRow
@@ -46,6 +46,15 @@ def _insert_new_requests(conn: Connection, requests: list[dict[str, Any]]) -> se
     if dialect is None:  # another back end: plain inserts (a duplicate fails the batch)
         conn.execute(insert(RequestRow), requests)
         return {r["id"] for r in requests}
+    if dialect is postgresql:
+        # Plain inserts first, in a savepoint: about twice as fast as ON CONFLICT ... RETURNING
+        # over the network, and a duplicate is rare (only a retried batch has one).
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(RequestRow), requests)
+            return {r["id"] for r in requests}
+        except IntegrityError:
+            pass
     stmt = (dialect.insert(RequestRow).on_conflict_do_nothing(index_elements=["id"])
             .returning(RequestRow.id))
     return set(conn.execute(stmt, requests).scalars())
