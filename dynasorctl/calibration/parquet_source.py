@@ -94,18 +94,46 @@ def _batches(cursor: Any) -> Iterator[tuple]:
         yield from rows
 
 
-def _observations(probes: list[dict] | None) -> list[ProbeObservation]:
-    return [ProbeObservation(p["position"], p["answer"] or None, bool(p["hesitant"]),
-                             p["output_tokens"] or 0) for p in probes or ()]
+def _probe_rows(con: Any, query: str, params: list) -> Iterator[tuple]:
+    """Rows of (key..., position, answer, hesitant, output tokens) from a second cursor."""
+    cursor = con.cursor()
+    cursor.execute(query, params)
+    yield from _batches(cursor)
 
 
-_PROBE_LISTS = """
-    SELECT p.request_id, p.choice_index,
-           list({'position': p.position, 'answer': p.answer, 'hesitant': p.hesitant,
-                 'output_tokens': p.output_tokens} ORDER BY p.position, p.id) AS probes
-    FROM probes p SEMI JOIN chosen c ON p.request_id = c.id
-    WHERE p.status = 'ok'
-    GROUP BY p.request_id, p.choice_index"""
+def _grouped(rows: Iterator[tuple], key_length: int) -> Iterator[tuple[tuple, list[ProbeObservation]]]:
+    """Consecutive rows with one key (their first `key_length` fields) and their probes."""
+    key: tuple | None = None
+    probes: list[ProbeObservation] = []
+    for row in rows:
+        k = row[:key_length]
+        if k != key:
+            if key is not None:
+                yield key, probes
+            key, probes = k, []
+        position, answer, hesitant, tokens = row[key_length:]
+        probes.append(ProbeObservation(position, answer or None, bool(hesitant), tokens or 0))
+    if key is not None:
+        yield key, probes
+
+
+class _Merge:
+    """Each key's probes, for keys asked in the order the probes stream in (a merge join:
+    a run's own columns are read once, not once per probe, and nothing is held but a batch)."""
+
+    def __init__(self, groups: Iterator[tuple[tuple, list[ProbeObservation]]]) -> None:
+        self._groups = groups
+        self._next = next(groups, None)
+
+    def of(self, key: tuple) -> list[ProbeObservation]:
+        if self._next is not None and self._next[0] == key:
+            found = self._next[1]
+            self._next = next(self._groups, None)
+            return found
+        return []
+
+
+_PROBE = "p.position, p.answer, p.hesitant, p.output_tokens"
 
 
 def load_runs(directory: Path, model: str | None = None, newest: int | None = None) -> StoreRuns:
@@ -121,16 +149,18 @@ def load_runs(directory: Path, model: str | None = None, newest: int | None = No
         total, with_text, = con.execute(
             f"WITH chosen AS ({chosen}) SELECT count(*), count(completion_text) FROM chosen",
             params).fetchone()
-        text = "c.completion_text" if with_text == total else "NULL"
+        text = "completion_text" if with_text == total else "NULL"
         by_request, by_prompt = _labels(con)
-        cursor = con.execute(
-            f"WITH chosen AS ({chosen}), lists AS ({_PROBE_LISTS}) "
-            f"SELECT c.id, c.prompt_hash, c.model, c.final_answer, c.completion_tokens, {text}, "
-            "l.probes FROM chosen c LEFT JOIN lists l ON l.request_id = c.id AND "
-            "l.choice_index = 0 ORDER BY c.created_at, c.id", params)
-        runs = [run_from_request(rid, ph, m, final, tokens, txt, _observations(probes),
+        probes = _Merge(_grouped(_probe_rows(con, (
+            f"WITH chosen AS ({chosen}) SELECT p.request_id, {_PROBE} FROM probes p "
+            "JOIN chosen c ON p.request_id = c.id WHERE p.status = 'ok' AND p.choice_index = 0 "
+            "ORDER BY c.created_at, c.id, p.position, p.id"), params), 1))
+        cursor = con.cursor()
+        cursor.execute(f"WITH chosen AS ({chosen}) SELECT id, prompt_hash, model, final_answer, "
+                       f"completion_tokens, {text} FROM chosen ORDER BY created_at, id", params)
+        runs = [run_from_request(rid, ph, m, final, tokens, txt, probes.of((rid,)),
                                  gold_for(rid, ph, by_request, by_prompt))
-                for rid, ph, m, final, tokens, txt, probes in _batches(cursor)]
+                for rid, ph, m, final, tokens, txt in _batches(cursor)]
     return StoreRuns(runs, with_text, sum(1 for r in runs if r.gold is not None))
 
 
@@ -142,22 +172,27 @@ def load_programs(directory: Path, model: str | None = None) -> list[ObservedPro
             where += " AND model = ?"
             params.append(model)
         by_request, by_prompt = _labels(con)
-        cursor = con.execute(
-            f"WITH chosen AS (SELECT * FROM requests WHERE {where}), lists AS ({_PROBE_LISTS}) "
-            "SELECT s.program_id, s.sample_index, s.answer, s.completion_tokens, s.request_id, "
-            "c.prompt_hash, c.model, l.probes FROM program_samples s "
-            "JOIN chosen c ON s.request_id = c.id LEFT JOIN lists l ON l.request_id = "
-            "s.request_id AND l.choice_index = s.choice_index "
-            "ORDER BY s.program_id, s.sample_index, s.id", params)
+        samples = (f"WITH chosen AS (SELECT * FROM requests WHERE {where}) SELECT s.*, "
+                   "c.prompt_hash AS prompt_hash, c.model AS model FROM program_samples s "
+                   "JOIN chosen c ON s.request_id = c.id")
+        order = "s.program_id, s.sample_index, s.id"
+        probes = _Merge(_grouped(_probe_rows(con, (
+            f"WITH s AS ({samples}) SELECT p.request_id, p.choice_index, {_PROBE} FROM probes p "
+            "JOIN s ON p.request_id = s.request_id AND p.choice_index = s.choice_index "
+            f"WHERE p.status = 'ok' ORDER BY {order}, p.position, p.id"), params), 2))
+        cursor = con.cursor()
+        cursor.execute(f"WITH s AS ({samples}) SELECT s.program_id, s.sample_index, s.answer, "
+                       "s.completion_tokens, s.request_id, s.choice_index, s.prompt_hash, "
+                       f"s.model FROM s ORDER BY {order}", params)
         programs: list[ObservedProgram] = []
         current: list[tuple] = []
 
         def close() -> None:
             first = current[0]
             programs.append(program_from_samples(
-                first[0], first[5], first[6],
-                [(s[1], s[2], s[3] or 0, _observations(s[7])) for s in current],
-                gold_for(first[4], first[5], by_request, by_prompt)))
+                first[0], first[6], first[7],
+                [(row[1], row[2], row[3] or 0, probes.of((row[4], row[5]))) for row in current],
+                gold_for(first[4], first[6], by_request, by_prompt)))
 
         for row in _batches(cursor):
             if current and row[0] != current[0][0]:
