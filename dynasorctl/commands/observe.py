@@ -99,11 +99,16 @@ def observe(
     enforce_percent: Annotated[
         float | None, typer.Option(help="Share of programs enforced in enforce mode, 0-100 [default: 100].")
     ] = None,
+    affinity_header: Annotated[
+        str | None, typer.Option(help="Header a router in front of several replicas pins a session by "
+                                 "(vllm-router: X-Session-ID; sglang-router: X-SMG-Routing-Key).")
+    ] = None,
 ) -> None:
     """Run the proxy: relay every request, probe and record out of band; shadow or enforce a policy."""
     settings = load_settings(config, upstream_url=upstream, host=host, port=port, db_url=db,
                              probe_rate=probe_rate, store_text=store_text, mode=mode,
-                             policy_file=str(policy) if policy else None, enforce_percent=enforce_percent)
+                             policy_file=str(policy) if policy else None, enforce_percent=enforce_percent,
+                             affinity_header=affinity_header)
     store(settings.db_url)  # fail now, with a clear message, not inside the server
     check_port_free(settings.host, settings.port)
     if settings.admin_token:
