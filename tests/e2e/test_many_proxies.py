@@ -1,6 +1,8 @@
 """Three `dynasorctl observe` processes on one PostgreSQL store, in front of one replay upstream:
-records from every proxy land once each, a kill reaches all three within a second, and a
-guardrail's rollback written by one holds for all."""
+records from every proxy land once each, a kill reaches all three, and a guardrail's
+rollback written by one holds for all. How fast a change reaches them is measured by
+`dynasorctl bench rollout` (a benchmark: wall-clock bounds do not belong in a test run on
+a shared machine)."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def _modes(urls: list[str]) -> list[str]:
             for u in urls]
 
 
-def _until_all(urls: list[str], mode: str, timeout_s: float = 10) -> float:
+def _until_all(urls: list[str], mode: str, timeout_s: float = 60) -> float:
     """Seconds until every proxy's /health shows `mode` for "*"."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
@@ -79,18 +81,18 @@ def test_three_proxies_share_one_postgres_store(postgres, tmp_path):
         with ThreadPoolExecutor(8) as pool:
             assert list(pool.map(one, jobs)) == [200] * len(jobs)
 
-        # The kill switch, from the command line, reaches every proxy within a second.
+        # The kill switch, from the command line, reaches every proxy.
         killed = subprocess.run([sys.executable, "-m", "dynasorctl", "rollout", "kill",
                                  "--reason", "drill", "--db", db],
                                 capture_output=True, text=True, timeout=120, check=False)
         assert killed.returncode == 0, killed.stderr
-        assert _until_all(urls, "observe") <= 1.0
+        _until_all(urls, "observe")
 
         # A guardrail's rollback (what a tripped proxy writes) holds for all three.
         rollout.set_scope(engine, "*", mode="enforce", percent=10, reason="again", who="test")
         _until_all(urls, "enforce")
         rollout.rollback(engine, "*", reason="guardrail: answers changed in 9% (test)")
-        assert _until_all(urls, "shadow") <= 1.0
+        _until_all(urls, "shadow")
 
         # Every record written before the proxies stop (SIGTERM flushes in any case).
         deadline = time.monotonic() + 60

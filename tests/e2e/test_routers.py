@@ -10,20 +10,19 @@ reaches the client as the documented SSE error frame.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from dynasorctl import traces
-from dynasorctl.replay import create_replay_app
 from proxy.pipeline.app import create_app
 from proxy.settings import Settings
 from tests.routers import SGLANG_ROUTER, VLLM_ROUTER, Router, running_router
@@ -39,53 +38,49 @@ class Served:
     probe: bool
 
 
-class Logged:
-    """A replica: the replay app, noting which problem each chat request was about."""
+@contextlib.asynccontextmanager
+async def _replicas(tmp_path: Path, n: int = 2) -> AsyncIterator[list[str]]:
+    """`n` replay replicas as their own processes (tests/replica.py); their URLs."""
+    ports = [free_port() for _ in range(n)]
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.replica", str(port),  # noqa: ASYNC220
+                               str(tmp_path / f"replica{i}.jsonl")])
+             for i, port in enumerate(ports)]
+    try:
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        for url, proc in zip(urls, procs):
+            await _ready(url, proc)
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
 
-    def __init__(self, app: Any, replica: int, log: list[Served]) -> None:
-        self.app, self.replica, self.log = app, replica, log
 
-    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
-            await self.app(scope, receive, send)
-            return
-        messages, body = [], b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            messages.append(message)
-            if not message.get("more_body"):
-                break
-        chat = json.loads(body)["messages"]
-        self.log.append(Served(self.replica, chat[0]["content"], chat[-1]["role"] == "assistant"))
-        queued = iter(messages)
-
-        async def replayed() -> dict:
-            return next(queued, None) or await receive()
-
-        await self.app(scope, replayed, send)
+def _served(tmp_path: Path, n: int = 2) -> list[Served]:
+    return [Served(i, **json.loads(line)) for i in range(n)
+            for line in (tmp_path / f"replica{i}.jsonl").read_text().splitlines()]
 
 
 async def _through_router(router: Router, affinity: bool, tmp_path: Path) -> list[Served]:
     sample = traces.load_cot(traces.PACKAGED_SAMPLE)[:REQUESTS]
-    log: list[Served] = []
-    replicas = [Logged(create_replay_app(sample, 1500), i, log) for i in (0, 1)]
-    async with serving(replicas[0]) as a, serving(replicas[1]) as b, \
-            running_router(router, [a, b], tmp_path / f"{router.name}.log") as routed:
+    async with _replicas(tmp_path) as workers, \
+            running_router(router, workers, tmp_path / f"{router.name}.log") as routed:
+        # A request the router never answers fails in a minute, not in the default ten.
         settings = Settings(upstream_url=routed, db_url=f"sqlite:///{tmp_path}/s.db",
-                            probe_max_tokens=32,
+                            probe_max_tokens=32, read_timeout_s=60,
                             affinity_header=router.header if affinity else None)
         async with serving(create_app(settings)) as proxy, \
                 httpx.AsyncClient(base_url=proxy, timeout=120) as client:
             async def one(trace: traces.CotTrace) -> None:
                 body = {"model": trace.model, "seed": trace.seed, "stream": True,
-                        "max_tokens": 640,
+                        "max_tokens": 1024,
                         "messages": [{"role": "user", "content": trace.problem}]}
                 r = await client.post("/v1/chat/completions", json=body)
                 assert r.status_code == 200 and r.content.endswith(b"data: [DONE]\n\n")
 
             await asyncio.gather(*(one(t) for t in sample))
-    return log
+    return _served(tmp_path)
 
 
 def _by_request(log: list[Served]) -> tuple[dict[str, int], list[tuple[int, int]]]:
