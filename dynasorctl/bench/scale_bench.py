@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +28,8 @@ from sqlalchemy import insert
 
 from dynasorctl.bench.dashboard_bench import POLICY, seed
 from dynasorctl.export import export
-from dynasorctl.stack import free_port, running
+from dynasorctl.stack import free_port
+from dynasorctl.stack import proxies as running_proxies
 from proxy.control import rollout
 from proxy.store.db import open_store
 from proxy.store.models import PolicyRow
@@ -73,14 +73,7 @@ def propagation(url: str, proxies: int, repeats: int, logs: Path,
     upstream = f"http://127.0.0.1:{free_port()}"  # never called: only /health is read
     logs.mkdir(parents=True, exist_ok=True)
     took = []
-    with ExitStack() as stack:
-        urls = []
-        for i in range(proxies):
-            port = free_port()
-            urls.append(f"http://127.0.0.1:{port}")
-            stack.enter_context(running(["observe", "--upstream", upstream, "--port", str(port),
-                                         "--db", url], f"proxy {i}", urls[-1],
-                                        logs / f"proxy{i}.log"))
+    with running_proxies(proxies, upstream, url, logs) as urls:
         for _ in range(repeats):
             rollout.set_scope(engine, "*", mode="enforce", percent=10, policy=policy,
                               reason="bench", who="bench")

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from datetime import UTC, datetime
 
 import httpx
@@ -19,7 +18,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from dynasorctl import traces
-from dynasorctl.stack import free_port, running
+from dynasorctl.stack import free_port, proxies, running
 from proxy.control import rollout
 from proxy.store.db import open_store
 from proxy.store.models import PolicyRow, ProbeRow, RequestRow
@@ -56,17 +55,9 @@ def test_three_proxies_share_one_postgres_store(postgres, tmp_path):
     sample = traces.load_cot(traces.PACKAGED_SAMPLE)
     replay_port = free_port()
     replay = f"http://127.0.0.1:{replay_port}"
-    with ExitStack() as stack:
-        stack.enter_context(running(["replay", "--port", str(replay_port),
-                                     "--tokens-per-second", "2000"], "replay", replay,
-                                    tmp_path / "replay.log"))
-        urls = []
-        for i in range(PROXIES):
-            port = free_port()
-            urls.append(f"http://127.0.0.1:{port}")
-            stack.enter_context(running(["observe", "--upstream", replay, "--port", str(port),
-                                         "--db", db], f"proxy {i}", urls[-1],
-                                        tmp_path / f"proxy{i}.log"))
+    with running(["replay", "--port", str(replay_port), "--tokens-per-second", "2000"],
+                 "replay", replay, tmp_path / "replay.log"), \
+            proxies(PROXIES, replay, db, tmp_path) as urls:
         assert _modes(urls) == ["enforce"] * PROXIES
 
         # Traffic through all three at once: each request goes to one proxy.
