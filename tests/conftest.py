@@ -46,9 +46,18 @@ def postgres():
         server.close()
 
 
+@pytest.fixture
+def pg_url(postgres):
+    """A new, empty PostgreSQL database, dropped at the end."""
+    url = postgres.database()
+    yield url
+    postgres.drop(url)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path) -> str:
+def store_url(request, tmp_path):
     """An empty store on each back end: a SQLite file, and a new PostgreSQL database."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/store.db"
-    return request.getfixturevalue("postgres").database()
+        yield f"sqlite:///{tmp_path}/store.db"
+        return
+    yield request.getfixturevalue("pg_url")

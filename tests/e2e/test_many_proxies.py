@@ -43,8 +43,8 @@ def _until_all(urls: list[str], mode: str, timeout_s: float = 60) -> float:
     raise AssertionError(f"not every proxy in {mode} after {timeout_s} s: {_modes(urls)}")
 
 
-def test_three_proxies_share_one_postgres_store(postgres, tmp_path):
-    db = postgres.database()
+def test_three_proxies_share_one_postgres_store(pg_url, tmp_path):
+    db = pg_url
     engine = open_store(db)
     with engine.begin() as conn:
         conn.execute(insert(PolicyRow), [{"kind": "cot", "model": "*", "version": 1,

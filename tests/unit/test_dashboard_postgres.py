@@ -22,8 +22,8 @@ from proxy.store.db import open_store
 BIG_TABLES = ("requests", "probes")
 
 
-def test_every_dashboard_read_is_index_backed_on_postgres(postgres):
-    engine = open_store(postgres.database())
+def test_every_dashboard_read_is_index_backed_on_postgres(pg_url):
+    engine = open_store(pg_url)
     now = datetime.now(UTC)
     seed_engine(engine, 3000, now, say=lambda _: None)
     sent: list[tuple[str, object]] = []

@@ -53,8 +53,8 @@ def test_processes_starting_at_once_migrate_exactly_once(store_url, tmp_path):
     assert migrated[0][0] == "0001" and migrated[0][-1] == head
 
 
-def test_wrong_password_is_one_clear_error(postgres):
-    url = postgres.database().replace(":dynasor-test@", ":wrong@")
+def test_wrong_password_is_one_clear_error(pg_url):
+    url = pg_url.replace(":dynasor-test@", ":wrong@")
     with pytest.raises(db.StoreError, match="password authentication failed"):
         db.open_store(url)
 
