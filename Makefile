@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install engine test-deps bench-deps demo test test-unit bench clean
+.PHONY: install engine test-deps bench-deps services demo test test-unit bench clean
 
 install: $(STAMP)
 
@@ -31,14 +31,20 @@ bench-deps:
 demo: install
 	$(BIN)/dynasorctl demo
 
-test-unit: install test-deps bench-deps
+# What the store and router tests run against: Debian's PostgreSQL server (started and
+# stopped by the tests themselves) and the PyPI builds of vLLM's and SGLang's routers.
+services:
+	bash scripts/postgres.sh
+	bash scripts/routers.sh
+
+test-unit: install test-deps bench-deps services
 	$(BIN)/pytest -m "not engine" -q
 
-test: install engine test-deps bench-deps
+test: install engine test-deps bench-deps services
 	$(BIN)/pytest -q
 
 bench: install bench-deps
 	$(BIN)/dynasorctl bench proxy
 
 clean:
-	rm -rf $(VENV) .venv-engine .venv-sglang .cache
+	rm -rf $(VENV) .venv-engine .venv-sglang .venv-router .cache

@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     upstream_api_key: str | None = Field(
         None, description="key sent upstream as a Bearer token; replaces the client's Authorization"
     )
+    affinity_header: str | None = Field(
+        None, description="header a router in front of several replicas pins a session by "
+        "(vLLM's router: X-Session-ID; SGLang's: X-SMG-Routing-Key), set on each request, its "
+        "samples and probes to its program or request id; unset: not sent"
+    )
     connect_timeout_s: float = Field(5.0, gt=0, description="upstream connect timeout")
     read_timeout_s: float = Field(600.0, gt=0, description="longest silence from the upstream")
     host: str = Field("127.0.0.1", description="address the proxy listens on")

@@ -48,7 +48,7 @@ from dynasorctl.calibration.search import (
     calibrate_cot,
     split_by_group,
 )
-from dynasorctl.calibration.store_source import load_programs, load_runs, save_policy
+from dynasorctl.calibration.store_source import StoreRuns, load_programs, load_runs, save_policy
 from dynasorctl.calibration.table import build_table
 from dynasorctl.calibration.targets import (
     check_reachable,
@@ -98,19 +98,25 @@ class _Source:
     data: list[ObservedRun] | list[ObservedProgram]
     description: str  # the policy's provenance "source"
     records: str  # what its records are, for messages: "traces", "probed requests", ...
-    engine: Engine | None = None  # the store, when calibrating from it
+    engine: Engine | None = None  # the store the policy is kept in, if any
     notes: list[str] = field(default_factory=list)
     traces: TraceData | None = None  # what the trace files hold besides the runs
+    recorded: str | None = None  # where the records were recorded: a store or an export
 
 
 def _observations(traces: list[Path] | None, trials: list[Path] | None, db: str | None,
-                  model: str, kind: Kind | None) -> _Source:
-    if traces and db is not None:
-        raise UserError("give recorded traces (--traces) or a store (--db), not both")
+                  model: str, kind: Kind | None, parquet: Path | None = None) -> _Source:
+    if traces and (db is not None or parquet is not None):
+        raise UserError("give recorded traces (--traces) or a store (--db, --parquet), not both")
+    if trials and not traces:
+        raise UserError("--trials goes with the trace files they were recorded for "
+                        "(--traces FILE), not with a store")
+    if parquet is not None:
+        src = _from_parquet(parquet, model, kind or Kind.cot)
+        if db is not None:  # the policy is kept in the live store the export came from
+            src.engine = store(db)
+        return src
     if not traces:
-        if trials:
-            raise UserError("--trials goes with the trace files they were recorded for "
-                            "(--traces FILE), not with a store")
         return _from_store(db, model, kind or Kind.cot)
     loaded = load_trace_files(traces, trials or ())
     data = loaded.data
@@ -135,10 +141,29 @@ def _from_store(db: str | None, model: str, kind: Kind) -> _Source:
     if kind is Kind.sc:
         programs = load_programs(engine, scope)
         return _Source(programs, f"store {url}: {len(programs)} programs",
-                       f"self-consistency programs{of_model}", engine)
-    found = load_runs(engine, scope)
-    src = _Source(found.runs, f"store {url}: {len(found.runs)} probed requests, "
-                  f"{found.labelled} labelled", f"probed requests{of_model}", engine)
+                       f"self-consistency programs{of_model}", engine, recorded=url)
+    return _runs_source(load_runs(engine, scope), f"store {url}", of_model, engine, url)
+
+
+def _from_parquet(directory: Path, model: str, kind: Kind) -> _Source:
+    """The runs (or programs) of a Parquet export (`dynasorctl export`), read with DuckDB."""
+    from dynasorctl.calibration import parquet_source
+
+    scope = None if model == "*" else model
+    of_model = "" if scope is None else f" of model {model!r}"
+    if kind is Kind.sc:
+        programs = parquet_source.load_programs(directory, scope)
+        return _Source(programs, f"parquet {directory}: {len(programs)} programs",
+                       f"self-consistency programs{of_model}", recorded=str(directory))
+    return _runs_source(parquet_source.load_runs(directory, scope), f"parquet {directory}",
+                        of_model, None, str(directory))
+
+
+def _runs_source(found: StoreRuns, where: str, of_model: str, engine: Engine | None,
+                 recorded: str) -> _Source:
+    src = _Source(found.runs, f"{where}: {len(found.runs)} probed requests, "
+                  f"{found.labelled} labelled", f"probed requests{of_model}", engine,
+                  recorded=recorded)
     if found.text_dropped:
         src.notes.append(
             f"{len(found.runs) - found.with_text} of {len(found.runs)} requests were stored "
@@ -159,7 +184,7 @@ def _recorded(src: _Source, recorded_interval: int) -> Recorded:
 
 def _check_enough(src: _Source, target: Target, alpha: float) -> None:
     """A store too small for the target fails with how many problems it needs."""
-    assert src.engine is not None
+    assert src.recorded is not None
     problems = len({d.group for d in src.data})
     need = problems_needed(target, alpha)  # at least: as many when each problem has one record
     if problems < need:
@@ -168,7 +193,7 @@ def _check_enough(src: _Source, target: Target, alpha: float) -> None:
             f"the store has {len(src.data)} {src.records} of {problems} problems (distinct "
             f"prompts); calibration needs at least {need} problems for a {pts(limit)}-point "
             f"target (half are held out to certify it): record more traffic into "
-            f"{src.engine.url.render_as_string()}, point --db at another store, raise the "
+            f"{src.recorded}, point --db at another store, raise the "
             "target, or calibrate on recorded traces with --traces FILE")
 
 
@@ -182,6 +207,10 @@ def calibrate(
         "--db", help="calibrate on the observation store at this SQLAlchemy URL (the default "
         "without --traces: $DYNASOR_DB_URL, else ~/.local/share/dynasor/dynasor.db); the "
         "recommended policy is also stored there, inactive", show_default=False)] = None,
+    parquet: Annotated[Path | None, typer.Option(
+        "--parquet", help="calibrate on a Parquet export of the store (`dynasorctl export`), "
+        "read with DuckDB: neither the live store nor all of the data in memory; with --db, "
+        "the recommended policy is stored there", show_default=False)] = None,
     kind: Annotated[Kind | None, typer.Option(
         help="from the store: chain-of-thought requests (cot, the default) or "
         "self-consistency programs (sc)", show_default=False)] = None,
@@ -211,10 +240,10 @@ def calibrate(
     """Find the policy that saves the most compute with the damage bounded (95%), held out."""
     started = time.perf_counter()
     alpha = 0.05
-    src = _observations(traces, trials, db, model, kind)
+    src = _observations(traces, trials, db, model, kind, parquet)
     data = src.data
     target = make_target(data, max_accuracy_drop, max_answer_change, max_answers_lost)
-    if src.engine is not None:
+    if src.recorded is not None:
         _check_enough(src, target, alpha)
     check_reachable(data, target, seed, alpha)
     if not any(d.gold is not None for d in data):

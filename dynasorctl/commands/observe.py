@@ -174,12 +174,17 @@ def observe(
         str | None, typer.Option(help="Send a trace of every observed request to this OTLP/HTTP collector "
                                  "(e.g. http://127.0.0.1:4318; needs the otel extra) [default: off].")
     ] = None,
+    affinity_header: Annotated[
+        str | None, typer.Option(help="Header a router in front of several replicas pins a session by "
+                                 "(vllm-router: X-Session-ID; sglang-router: X-SMG-Routing-Key).")
+    ] = None,
 ) -> None:
     """Run the proxy: relay every request, probe and record out of band; shadow or enforce a policy."""
     settings = load_settings(config, upstream_url=upstream, host=host, port=port, db_url=db,
                              probe_rate=probe_rate, store_text=store_text, mode=mode,
                              policy_file=str(policy) if policy else None, enforce_percent=enforce_percent,
-                             log_format=log_format.value if log_format else None, otlp_endpoint=otlp_endpoint)
+                             log_format=log_format.value if log_format else None, otlp_endpoint=otlp_endpoint,
+                             affinity_header=affinity_header)
     store(settings.db_url)  # fail now, with a clear message, not inside the server
     check_port_free(settings.host, settings.port)
     if settings.admin_token:

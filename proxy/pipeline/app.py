@@ -41,10 +41,12 @@ from proxy.pipeline.exchange import (
     Response,
     Scope,
     Send,
+    affinity_of,
     assemblable,
     end_early,
     header,
     json_object,
+    pinned,
     probe_headers,
     read_body,
     respond,
@@ -262,6 +264,8 @@ class ProxyApp:
             n = body.get("n") if isinstance(body.get("n"), int) else 1
             tag = header(headers, PROGRAM_HEADER)
             ex.program_id = tag or (ex.request_id if n > 1 else None)
+            ex.affinity = affinity_of(headers, self.settings.affinity_header,
+                                      ex.program_id or ex.request_id)
             model = body.get("model") if isinstance(body.get("model"), str) else None
             ex.plan = self.control.plan(model, header(headers, b"authorization"), ex.program_id or ex.request_id,
                                         header(headers, OPT_HEADER), n, tag is not None)
@@ -280,7 +284,7 @@ class ProxyApp:
                 return
             ex.assembled = not stream and n == 1 and assemblable(body, ex.mode)
             if (stream or ex.assembled) and n == 1 and self._should_probe(kind, body, ex.mode):
-                ex.probes = self.prober.session(kind, body, probe_headers(headers), ex.plan.policy,
+                ex.probes = self.prober.session(kind, body, probe_headers(headers, ex.affinity), ex.plan.policy,
                                                 enforcing=ex.mode == "enforce")
             ex.assembled = ex.assembled and (ex.probes is not None or ex.member)
             if ex.mode != "observe" and ex.probes is None and not ex.member:
@@ -327,7 +331,8 @@ class ProxyApp:
         self.metrics.active_streams += 1
         try:
             try:
-                resp = await self.upstream.send(scope["method"], path, scope["headers"], raw)
+                resp = await self.upstream.send(scope["method"], path, pinned(scope["headers"], ex.affinity),
+                                                raw)
             except UpstreamError as exc:
                 self.metrics.upstream_errors[exc.kind] += 1
                 ex.status, ex.error = exc.status, str(exc)
@@ -402,7 +407,7 @@ class ProxyApp:
         enforcing = ex.mode == "enforce"
         headers: Headers = scope["headers"]
         run = ProgramRun(self.upstream, self.prober, self.equivalence, ex.kind, scope["path"], ex.body,
-                         headers, probe_headers(headers), policy, enforcing,
+                         pinned(headers, ex.affinity), probe_headers(headers, ex.affinity), policy, enforcing,
                          self.settings.sc_parallel or policy.min_samples)
         stream = SampleStream() if ex.body.get("stream") else None
         started = False

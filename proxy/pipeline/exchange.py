@@ -52,6 +52,7 @@ class Exchange:
     member: bool = False  # one sample of a tagged program under a self-consistency policy
     client_headers: Headers = field(default_factory=list)  # the request's, as the client sent them
     recorded: bool = False  # counted and handed to the recorder (once)
+    affinity: tuple[bytes, bytes] | None = None  # the router's session header, on every upstream call
 
 
 class Departure:
@@ -200,10 +201,31 @@ def header(headers: Headers, name: bytes) -> str | None:
     return None
 
 
-def probe_headers(headers: Headers) -> Headers:
-    """Probes carry the client's credentials, nothing else of its request."""
+def probe_headers(headers: Headers, affinity: tuple[bytes, bytes] | None = None) -> Headers:
+    """Probes carry the client's credentials and the request's session header, nothing else
+    of its request."""
     out: Headers = [(b"content-type", b"application/json")]
     auth = header(headers, b"authorization")
     if auth is not None:
         out.append((b"authorization", auth.encode("latin-1")))
+    if affinity is not None:
+        out.append(affinity)
     return out
+
+
+def affinity_of(headers: Headers, name: str | None, key: str) -> tuple[bytes, bytes] | None:
+    """The header a router pins a session by (`name`; None: no router to pin) for one request:
+    the client's own value if it sent one, else `key` (its program, else the request), so the
+    request, its samples and its probes reach the replica whose prefix cache holds them."""
+    if not name:
+        return None
+    lower = name.lower().encode("latin-1")
+    value = header(headers, lower)
+    return lower, (key if value is None else value).encode("latin-1")
+
+
+def pinned(headers: Headers, affinity: tuple[bytes, bytes] | None) -> Headers:
+    """The client's headers with the session header added (a client's own is kept as sent)."""
+    if affinity is None or any(k == affinity[0] for k, _ in headers):
+        return headers
+    return [*headers, affinity]

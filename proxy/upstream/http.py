@@ -67,8 +67,9 @@ class _Connection(asyncio.Protocol):
             if exc is None and resp.until_close and resp.head.done():
                 resp.finish()  # a body delimited by the connection's end
             else:
-                reason = f": {exc}" if exc else ""
-                resp.fail(UpstreamError("broken", f"upstream closed the connection{reason}"))
+                reason = f" ({exc})" if exc else ""
+                what = "broke off the response" if resp.head.done() else "closed the connection before answering"
+                resp.fail(UpstreamError("broken", f"upstream {what}: the connection closed{reason}"))
 
     def close(self) -> None:
         self.closed = True

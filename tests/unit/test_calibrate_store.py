@@ -137,8 +137,9 @@ def keyed_by_prompt(rows: list[dict]) -> list[dict]:
     return out
 
 
-def new_store(path: Path, records: list[Record]) -> str:
-    url = f"sqlite:///{path}"
+def new_store(path: Path | str, records: list[Record]) -> str:
+    """A store at `path` (a SQLite file) or URL holding `records`; its URL."""
+    url = path if isinstance(path, str) else f"sqlite:///{path}"
     write_records(db.open_store(url), records)
     return url
 
@@ -182,9 +183,9 @@ def labelled(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> dict:
     return {"url": url, "runs": runs}
 
 
-def test_store_runs_are_the_trace_runs() -> None:
+def test_store_runs_are_the_trace_runs(store_url: str) -> None:
     traces = read_records(PACKAGED_SAMPLE)
-    engine = db.open_store("sqlite://")
+    engine = db.open_store(store_url)
     write_records(engine, cot_records(traces))
     found = load_runs(engine)
     expected = [run_from_trace(t) for t in load(PACKAGED_SAMPLE)]
@@ -260,9 +261,9 @@ def test_without_text_learned_rules_decide_on_probes_alone(tmp_path: Path, cache
         assert all(w == 0.0 for f, w in zip(rule.features, rule.weights) if f in TEXT_FEATURES)
 
 
-def test_self_consistency_from_the_store(tmp_path: Path, cache: Path) -> None:
+def test_self_consistency_from_the_store(tmp_path: Path, cache: Path, store_url: str) -> None:
     programs = read_records(SC_SAMPLE)
-    url = new_store(tmp_path / "s.db", sc_records(programs))
+    url = new_store(store_url, sc_records(programs))
     hashes = [prompt_hash("chat", body(p["problem"], p["model"])) for p in programs]
     found = load_programs(db.open_store(url))
     assert [p.program_id for p in found] == sorted(p["program_id"] for p in programs)
@@ -336,3 +337,24 @@ def test_needed_problems_follow_the_target() -> None:
     # The signed accuracy drop is bounded by betting, which needs more problems than that.
     assert targets.problems_needed(Target(0.005, None), 0.05) > targets.problems_needed(
         Target(None, None, 0.005), 0.05)
+
+
+def test_calibrate_parquet_decides_as_calibrate_db(labelled: dict, tmp_path: Path,
+                                                   cache: Path) -> None:
+    """The store exported to Parquet and calibrated from there, without the store: the same
+    figures and policy; with --db as well, the policy is kept in that store."""
+    from dynasorctl.export import export
+
+    export(db.open_store(labelled["url"]), tmp_path / "export")
+    policy = tmp_path / "parquet.toml"
+    code, out, exc = invoke(["calibrate", "--parquet", str(tmp_path / "export"),
+                             "--max-accuracy-drop", "60", "--out", str(policy)], cache)
+    assert exc is None and code == 0, out
+    db_out, db_policy = labelled["runs"]["db"]
+    assert comparable(out) == comparable(db_out)
+    assert parse_policy_file(policy.read_text()).cot == parse_policy_file(db_policy).cot
+    assert "policy stored" not in out  # no store named: the policy went to --out only
+    assert "32 probed requests, 32 labelled" in parse_policy_file(
+        policy.read_text()).provenance["source"]
+    assert "needs at least" in user_error(["calibrate", "--parquet", str(tmp_path / "export"),
+                                           "--max-accuracy-drop", "0.5"], cache)

@@ -552,3 +552,20 @@ async def test_a_read_that_comes_back_while_the_dashboard_closes_is_dropped(sour
         app._load_timeline("r01")
         await pilot.pause()
     assert app.return_code in (0, None)  # leaving run_test closed it: no error re-raised either
+
+
+def test_savings_replay_can_read_a_parquet_export_instead_of_the_store(engine, tmp_path):
+    from sqlalchemy import delete
+
+    from dynasorctl.export import export
+    from proxy.store.models import RequestRow
+
+    before = StoreSource(engine, clock=lambda: NOW).savings(1).active.projected
+    export(engine, tmp_path / "export")
+    with engine.begin() as conn:  # the live store pruned: the export still has the runs
+        conn.execute(delete(RequestRow))
+    from_parquet = StoreSource(engine, clock=lambda: NOW, parquet=tmp_path / "export")
+    assert from_parquet.savings(1).active.projected == before and before.runs == 11
+    assert StoreSource(engine, clock=lambda: NOW).savings(1).active.projected is None
+    with pytest.raises(SourceError, match="holds no Parquet export"):
+        StoreSource(engine, parquet=tmp_path / "none").savings(1)

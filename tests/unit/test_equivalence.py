@@ -103,3 +103,31 @@ def test_the_worker_does_not_run_an_unguarded_main_script_again(tmp_path):
                           cwd=root, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["main", "ran", "True"]
+
+
+def test_the_worker_does_not_outlive_a_killed_proxy(tmp_path):
+    """A proxy killed (or gone while its worker was still starting) leaves no worker behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import time\n"
+              "from proxy.pipeline.equivalence import AsyncEquivalence\n"
+              "eq = AsyncEquivalence()\neq.warm()\n"
+              "print(*eq._pool._processes, flush=True)\n"
+              "time.sleep(600)\n")
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                          text=True) as proxy:
+        worker = int(proxy.stdout.readline())
+        proxy.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError("the equivalence worker outlived its proxy")

@@ -223,8 +223,8 @@ async def test_a_body_ended_by_the_connection_closing_is_complete(raw_server):
 
 
 @pytest.mark.parametrize("script, kind, words", [
-    ([CHUNKED, b"5\r\nhel", None], "broken", "closed the connection"),
-    ([b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc", None], "broken", "closed the connection"),
+    ([CHUNKED, b"5\r\nhel", None], "broken", "broke off the response: the connection closed"),
+    ([b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc", None], "broken", "broke off the response: the connection closed"),
     ([b"NOT HTTP AT ALL\r\n\r\n"], "broken", "malformed"),
     ([CHUNKED, b"5\r\nhello\r\n", 2.0], "timeout", "silent mid-response"),
 ])
