@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install engine demo test test-unit bench clean
+.PHONY: install engine test-deps bench-deps services demo test test-unit bench clean
 
 install: $(STAMP)
 
@@ -20,18 +20,31 @@ engine:
 	bash scripts/engine.sh
 	bash scripts/sglang.sh
 
+# Tools the tests check output with (promtool, from Debian's prometheus package).
+test-deps:
+	bash scripts/test-deps.sh
+
+# What the benchmarks drive load with (wrk); the unit tests check that path too.
+bench-deps:
+	bash scripts/bench-deps.sh
+
 demo: install
 	$(BIN)/dynasorctl demo
 
-test-unit: install
+# What the store and router tests run against: Debian's PostgreSQL server (started and
+# stopped by the tests themselves) and the PyPI builds of vLLM's and SGLang's routers.
+services:
+	bash scripts/postgres.sh
+	bash scripts/routers.sh
+
+test-unit: install test-deps bench-deps services
 	$(BIN)/pytest -m "not engine" -q
 
-test: install engine
+test: install engine test-deps bench-deps services
 	$(BIN)/pytest -q
 
-bench: install
-	bash scripts/bench-deps.sh
+bench: install bench-deps
 	$(BIN)/dynasorctl bench proxy
 
 clean:
-	rm -rf $(VENV) .venv-engine .venv-sglang .cache
+	rm -rf $(VENV) .venv-engine .venv-sglang .venv-router .cache

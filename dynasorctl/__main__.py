@@ -1,5 +1,4 @@
 from dynasorctl.cli import main
 
-# Guarded: engine processes started by spawning re-import the main module (`serve`).
-if __name__ == "__main__":
+if __name__ == "__main__":  # not when a spawned worker process imports the parent's main module
     main()

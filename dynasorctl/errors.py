@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -13,6 +14,10 @@ class UserError(Exception):
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print `message` as the command's error and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}")
+    """Print `message` as the command's error and return the Exit to raise.
+
+    The message is plain text: what it quotes (a scope `model:[/x]`, a path, a value)
+    is shown as typed, never read as rich markup.
+    """
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message))
     return typer.Exit(code)

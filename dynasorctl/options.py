@@ -43,9 +43,12 @@ EnforcePercentOption = Annotated[
 ]
 
 
-def store(url: str | None, migrate: bool = True) -> Engine:
-    """The store's engine, migrated; store problems become one-line user errors."""
+def store(url: str | None, migrate: bool = True, existing: bool = False) -> Engine:
+    """The store's engine, migrated; store problems become one-line user errors.
+
+    `existing`: for commands that only read, a missing store is an error, not created.
+    """
     try:
-        return open_store(url, migrate=migrate)
+        return open_store(url, migrate=migrate, existing=existing)
     except StoreError as exc:
         raise UserError(str(exc)) from exc

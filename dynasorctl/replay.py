@@ -55,6 +55,11 @@ Send = Callable[[Message], Awaitable[None]]
 # --- requests and the wire format ------------------------------------------------------------
 
 
+# Samples one request may ask for: each is a whole reply held in memory (n = 10^30 grew the
+# server to 22 GB before it was bounded); far above the recorded programs' 16.
+MAX_SAMPLES = 128
+
+
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown fields pass, as on vLLM
 
@@ -82,7 +87,7 @@ class _Request(_Open):
     model: str | None = None
     stream: bool = False
     stream_options: _StreamOptions | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_SAMPLES)
     seed: int | None = None
     max_tokens: int | None = Field(None, ge=1)
 

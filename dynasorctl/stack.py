@@ -57,6 +57,20 @@ def running(args: list[str], name: str, url: str, log: Path) -> Iterator[subproc
 
 
 @contextlib.contextmanager
+def proxies(n: int, upstream: str, db: str, logs: Path) -> Iterator[list[str]]:
+    """`n` proxies sharing the store `db`, in front of `upstream`: their base URLs."""
+    with contextlib.ExitStack() as stack:
+        urls = []
+        for i in range(n):
+            port = free_port()
+            urls.append(f"http://127.0.0.1:{port}")
+            stack.enter_context(running(["observe", "--upstream", upstream, "--port", str(port),
+                                         "--db", db], f"proxy {i}", urls[-1],
+                                        logs / f"proxy{i}.log"))
+        yield urls
+
+
+@contextlib.contextmanager
 def replay_and_proxy(traces_file: Path, tokens_per_second: float, proxy_args: list[str],
                      logs: Path) -> Iterator[tuple[str, str]]:
     """The replay upstream on `traces_file` and the proxy in front of it: (replay, proxy) URLs."""

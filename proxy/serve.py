@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
+
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from proxy.control.rollout import NEEDS_POLICY, RolloutState
 from proxy.pipeline.app import ProxyApp
@@ -86,14 +88,15 @@ class ServedEngine(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
-    def metrics_text(self) -> str: ...
+    def metrics(self) -> Iterable[Metric]: ...
 
 
 class ServeApp(ProxyApp):
     def __init__(self, settings: Settings, engine: ServedEngine, scheduler: SchedulerFactory,
                  write: Callable[[Sequence[Record]], None] | None = None) -> None:
-        super().__init__(settings, engine.upstream(), write, engine.admission)
+        super().__init__(settings, engine.upstream(), write, signals=engine.admission)
         self.engine = engine
+        self.registry.register(_ServeCollector(self))
         self._scheduler = scheduler
         self.fallback = False  # admitting FCFS because the rollout was killed
         self._follow: asyncio.Task[None] | None = None
@@ -137,15 +140,22 @@ class ServeApp(ProxyApp):
             out["status"] = "degraded"
         return out
 
-    def metrics_text(self) -> str:
-        """Dynasor's metrics, the scheduler's gauges, then the engine's own (`vllm:` names)."""
-        admission = self.engine.admission
+
+class _ServeCollector:
+    """What /metrics adds under `serve`: the scheduler's gauges, then the engine's own."""
+
+    def __init__(self, app: ServeApp) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        admission = self.app.engine.admission
         gauges = [
             ("dynasor_scheduler_running", "Requests admitted into the engine.", admission.running),
             ("dynasor_scheduler_queued", "Requests waiting for the scheduler.", admission.queued),
             ("dynasor_scheduler_capacity", "Most requests in the engine at once.", admission.capacity),
-            ("dynasor_scheduler_fallback", "1 while the kill switch has serve on FCFS.", int(self.fallback)),
+            ("dynasor_scheduler_fallback", "1 while the kill switch has serve on FCFS.",
+             int(self.app.fallback)),
         ]
-        lines = [line for name, help_, value in gauges
-                 for line in (f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value}")]
-        return super().metrics_text() + "\n".join(lines) + "\n" + self.engine.metrics_text()
+        for name, help_, value in gauges:
+            yield GaugeMetricFamily(name, help_, value=value)
+        yield from self.app.engine.metrics()

@@ -13,14 +13,23 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from proxy.control.guardrails import GuardrailSettings
 from proxy.core.certaindex import DEFAULT_PROBE_SUFFIX
+from proxy.upstream.url import UpstreamUrl, parse_upstream
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DYNASOR_", extra="forbid")
 
-    upstream_url: str = Field("http://127.0.0.1:8000", description="base URL of the vLLM or SGLang server")
+    upstream_url: str = Field(
+        "http://127.0.0.1:8000", description="base URL of the vLLM or SGLang server "
+        "(`http://user:pass@host` sends Basic credentials; a trailing /v1 is dropped)"
+    )
     upstream_api_key: str | None = Field(
         None, description="key sent upstream as a Bearer token; replaces the client's Authorization"
+    )
+    affinity_header: str | None = Field(
+        None, description="header a router in front of several replicas pins a session by "
+        "(vLLM's router: X-Session-ID; SGLang's: X-SMG-Routing-Key), set on each request, its "
+        "samples and probes to its program or request id; unset: not sent"
     )
     connect_timeout_s: float = Field(5.0, gt=0, description="upstream connect timeout")
     read_timeout_s: float = Field(600.0, gt=0, description="longest silence from the upstream")
@@ -37,6 +46,13 @@ class Settings(BaseSettings):
     probe_concurrency: int = Field(8, ge=1, description="probes in flight at once, all requests")
     probe_max_per_request: int = Field(256, ge=1, description="most probes for one request")
     record_queue_size: int = Field(10_000, ge=1, description="records buffered for the store")
+    request_body_timeout_s: float = Field(
+        30.0, gt=0, description="longest wait for the rest of a client's request body (then 400)"
+    )
+    shutdown_grace_s: float = Field(
+        20.0, ge=0, description="on SIGTERM/SIGINT, how long in-flight requests may run on before "
+        "they are ended and recorded as interrupted"
+    )
     mode: Literal["observe", "shadow", "enforce"] = Field(
         "observe", description="observe: measure only; shadow: also decide, change nothing; "
         "enforce: stop streams the policy stops (for `enforce_percent` of programs)"
@@ -61,6 +77,11 @@ class Settings(BaseSettings):
     )
     admin_token: str | None = Field(None, description="token of the admin API (unset: no admin API)")
     admin_port: int = Field(8081, ge=1, le=65535, description="port of the admin API (loopback)")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines: text, or json (one object a line, for log pipelines)")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP collector to send traces to (unset: no tracing; "
+        "needs the otel extra)")
 
     @model_validator(mode="after")
     def _policy_for_mode(self) -> Settings:
@@ -72,6 +93,16 @@ class Settings(BaseSettings):
     @field_validator("upstream_url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return v.rstrip("/")
+        parse_upstream(v)  # its ValueError names what is wrong, never the password
+        return v.strip().rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> Settings:
+        if self.upstream_api_key and self.upstream.authorization:
+            raise ValueError("upstream_url holds credentials and upstream_api_key is set: use one")
+        return self
+
+    @property
+    def upstream(self) -> UpstreamUrl:
+        """The upstream URL as the proxy uses and shows it (see `proxy.upstream.url`)."""
+        return parse_upstream(self.upstream_url)

@@ -20,14 +20,16 @@ class FakeResponse:
     headers: Headers = field(default_factory=lambda: list(JSON))
     parts: list[bytes] = field(default_factory=list)
     delay_s: float = 0.0
-    fail_after: int | None = None  # raise a broken-stream error before this part
+    fail_after: int | None = None  # raise an upstream error before this part
+    fail_kind: str = "broken"  # its kind: "broken" (reset) or "timeout" (went silent)
     closed: bool = False
     sent: int = 0
 
     async def chunks(self) -> AsyncIterator[bytes]:
         for i, part in enumerate(self.parts):
             if self.fail_after is not None and i == self.fail_after:
-                raise UpstreamError("broken", "upstream broke off the response: reset")
+                raise UpstreamError(self.fail_kind, "upstream went silent mid-response" if self.fail_kind == "timeout"
+                                    else "upstream broke off the response: reset")
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             else:

@@ -81,6 +81,14 @@ def _requests(n: int, now: datetime, rng: random.Random) -> Iterator[tuple[dict,
 def seed(path: Path, n: int, now: datetime, say: Callable[[str], None] = print) -> Engine:
     """A migrated SQLite store at `path` holding `n` requests and a rolled-out policy."""
     engine = open_store(f"sqlite:///{path}")
+    seed_engine(engine, n, now, say)
+    return engine
+
+
+def seed_engine(engine: Engine, n: int, now: datetime,
+                say: Callable[[str], None] = print) -> None:
+    """Fill a migrated, empty store (SQLite or PostgreSQL) with `n` requests and a rolled-out
+    policy, then refresh the planner's statistics."""
     rng = random.Random(0)
     requests: list[dict] = []
     probes: list[dict] = []
@@ -110,7 +118,7 @@ def seed(path: Path, n: int, now: datetime, say: Callable[[str], None] = print) 
                       who="bench")
     with engine.connect() as conn:
         conn.exec_driver_sql("ANALYZE")
-    return engine
+        conn.commit()
 
 
 def _time(name: str, read: Callable[[], Any], repeats: int,

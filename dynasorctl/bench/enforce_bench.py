@@ -29,6 +29,7 @@ from dynasorctl.calibration.sc import replay_program
 from dynasorctl.calibration.table import PROBE_PROMPT_COST
 from dynasorctl.stack import replay_and_proxy
 from dynasorctl.traces import CotTrace, ScProgram
+from dynasorctl.trials import Trials
 from proxy.core.certaindex import extract_boxed
 from proxy.core.policy import PolicyFile
 from proxy.store.db import open_store
@@ -48,6 +49,7 @@ class Received:
     full_answer: str | None  # the unstopped run's answer (a program's majority)
     full_correct: bool
     gold: str | None
+    past_decision: int = 0  # tokens generated after the decision, while its probe was answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,7 @@ class Observed:
     accuracy_policy: float
     probes: int
     probe_tokens: int
+    past_decision: float  # share of all tokens generated after the decisions (probe latency)
 
 
 async def _trace_client(proxy_url: str, trace: CotTrace, client: httpx.AsyncClient) -> Received:
@@ -79,9 +82,10 @@ async def _trace_client(proxy_url: str, trace: CotTrace, client: httpx.AsyncClie
                 for choice in data.get("choices") or ():
                     text.append((choice.get("delta") or {}).get("content") or "")
     stopped = ext is not None
-    return Received(extract_boxed("".join(text)),
-                    int(ext["generated_tokens"]) if stopped else trace.completion_tokens, stopped,
-                    trace.completion_tokens, trace.final_answer, bool(trace.final_correct), trace.gold)
+    generated = int(ext["generated_tokens"]) if stopped else trace.completion_tokens
+    return Received(extract_boxed("".join(text)), generated, stopped,
+                    trace.completion_tokens, trace.final_answer, bool(trace.final_correct), trace.gold,
+                    max(generated - int(ext["stop_token"]), 0) if stopped else 0)
 
 
 def _program_client(grader: Grader) -> Callable[[str, ScProgram, httpx.AsyncClient], Awaitable[Received]]:
@@ -134,20 +138,23 @@ def observed(received: list[Received], db_url: str, grader: Grader) -> Observed:
         net_saved=(total - generated - cost) / total,
         accuracy_full=right_full / n, accuracy_policy=right_policy / n,
         probes=probes, probe_tokens=probe_tokens,
+        past_decision=sum(r.past_decision for r in received) / total,
     )
 
 
 def predicted(records: Sequence[CotTrace] | Sequence[ScProgram], policy: PolicyFile,
-              grader: Grader) -> Summary:
+              grader: Grader, trials: Trials | None = None) -> Summary:
     if policy.kind == "sc":
         return evaluate_sc([program_from_trace(p) for p in records], policy, grader)[1]  # type: ignore[arg-type]
-    runs: list[ObservedRun] = [run_from_trace(t) for t in records]  # type: ignore[arg-type]
-    return evaluate_cot(runs, policy, grader)[1]
+    runs: list[ObservedRun] = [
+        run_from_trace(t, None if trials is None else trials.by_trace[t.trace_id])  # type: ignore[union-attr]
+        for t in records]
+    return evaluate_cot(runs, policy, grader, trials=None if trials is None else trials.setup)[1]
 
 
 def run(traces_file: Path, records: Sequence[CotTrace] | Sequence[ScProgram], policy_file: Path,
         policy: PolicyFile, tokens_per_second: float, concurrency: int,
-        on_done: Callable[[], object]) -> tuple[Summary, Observed]:
+        on_done: Callable[[], object], trials: Trials | None = None) -> tuple[Summary, Observed]:
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / f"dynasor-bench-enforce-{os.getpid()}"
     logs.mkdir(parents=True, exist_ok=True)
     db_url = f"sqlite:///{logs}/enforce.db"
@@ -156,4 +163,4 @@ def run(traces_file: Path, records: Sequence[CotTrace] | Sequence[ScProgram], po
         client_for = _program_client(grader) if policy.kind == "sc" else _trace_client
         with replay_and_proxy(traces_file, tokens_per_second, proxy_args, logs) as (_, proxy_url):
             received = asyncio.run(send_through(proxy_url, records, concurrency, on_done, client_for))
-        return predicted(records, policy, grader), observed(received, db_url, grader)
+        return predicted(records, policy, grader, trials), observed(received, db_url, grader)

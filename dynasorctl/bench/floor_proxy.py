@@ -2,6 +2,9 @@
 
 No parsing, no observing, no recording: read the body, forward it, relay the
 response chunk by chunk. Whatever dynasor costs beyond this is dynasor's own.
+`--client dynasor` relays through dynasor's own upstream client instead of
+aiohttp: the relay alone, so the difference to `dynasorctl observe` is what
+observing costs.
 Run it as its own process: `python -m dynasorctl.bench.floor_proxy --upstream URL --port P`.
 """
 
@@ -27,11 +30,9 @@ class FloorProxy:
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             while (await receive())["type"] != "lifespan.shutdown":  # the startup message
-                self.session = aiohttp.ClientSession(auto_decompress=False,
-                                                     connector=aiohttp.TCPConnector(limit=1000))
+                await self.start()
                 await send({"type": "lifespan.startup.complete"})
-            assert self.session is not None
-            await self.session.close()
+            await self.stop()
             await send({"type": "lifespan.shutdown.complete"})
             return
         body = b""
@@ -40,6 +41,18 @@ class FloorProxy:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        await self.relay(scope, body, send)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(auto_decompress=False,
+                                             connector=aiohttp.TCPConnector(limit=1000))
+
+    async def stop(self) -> None:
+        assert self.session is not None
+        await self.session.close()
+
+    async def relay(self, scope: MutableMapping[str, Any], body: bytes, send: Send) -> None:
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
                    if k.decode("latin-1") not in HOP_BY_HOP]
         assert self.session is not None
@@ -50,7 +63,30 @@ class FloorProxy:
             await send({"type": "http.response.start", "status": resp.status, "headers": out})
             async for chunk in resp.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class RelayOnly(FloorProxy):
+    """The same pass-through on dynasor's upstream client (`proxy.upstream.http`)."""
+
+    async def start(self) -> None:
+        from proxy.upstream.http import HttpUpstream
+
+        self.client = HttpUpstream(self.upstream)
+
+    async def stop(self) -> None:
+        await self.client.aclose()
+
+    async def relay(self, scope: MutableMapping[str, Any], body: bytes, send: Send) -> None:
+        from proxy.upstream.base import forwardable
+
+        resp = await self.client.send(scope["method"], scope["path"], scope["headers"], body)
+        try:
+            await send({"type": "http.response.start", "status": resp.status,
+                        "headers": forwardable(resp.headers)})
+            async for chunk in resp.chunks():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            await resp.aclose()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,10 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--client", choices=("aiohttp", "dynasor"), default="aiohttp")
     args = parser.parse_args(argv)
     import uvicorn
 
-    uvicorn.run(FloorProxy(args.upstream), host=args.host, port=args.port, loop="uvloop",
+    app = FloorProxy(args.upstream) if args.client == "aiohttp" else RelayOnly(args.upstream)
+    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop",
                 http="httptools", lifespan="on", log_level="warning", access_log=False)
 
 

@@ -3,6 +3,7 @@
 Setups, each against the same fast fake upstream on loopback:
   direct           the client talks to the fake upstream itself
   floor            a 50-line raw ASGI + aiohttp pass-through (`floor_proxy`)
+  relay            the same pass-through on dynasor's own upstream client: the relay alone
   dynasor          `dynasorctl observe --probe-rate 0`: the relay's own cost
   dynasor-probing  `dynasorctl observe --probe-rate 1`, a probe every `PROBE_INTERVAL` tokens
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
@@ -62,6 +62,7 @@ class Workload:
 SETUPS = (
     Setup("direct", "direct (no proxy)"),
     Setup("floor", "floor: raw ASGI + aiohttp"),
+    Setup("relay", "relay only: raw ASGI + dynasor's client"),
     Setup("dynasor", "dynasor, probing off", 0.0),
     Setup("dynasor-probing", "dynasor, probing on", 1.0),
 )
@@ -75,6 +76,7 @@ SETUP_KEYS = tuple(s.key for s in SETUPS)
 # Targets for dynasor with probing off (reported, never asserted).
 TARGET_ADDED_P50_MS = 0.5
 TARGET_STREAM_SHARE = 0.80
+TARGET_FLOOR_SHARE = 1.0  # at or above the thin pass-through
 TARGET_CPU_MS_PER_STREAM = 1.0
 
 # A load core busier than this (wrk plus, behind a proxy, the fake upstream) caps the run.
@@ -166,6 +168,7 @@ class Figures:
     stream_rps: float | None
     stream_load_bound: bool
     stream_share: float | None  # of direct's streaming throughput
+    floor_share: float | None  # of the floor's streaming throughput (same run)
     cpu_ms_per_stream: float | None
     probe_requests: int | None  # seen by the fake upstream during the streaming run
     errors: int
@@ -175,6 +178,7 @@ def figures(bench: Bench) -> dict[str, Figures]:
     """Each setup's figures, relative ones against `direct` (when it was measured)."""
     out: dict[str, Figures] = {}
     base_lat, base_stream = bench.cell("direct", "latency"), bench.cell("direct", "streaming")
+    floor_stream = bench.cell("floor", "streaming")
     for key in bench.setups:
         lat, cap, stream = (bench.cell(key, w.key) for w in WORKLOADS)
         relative = key != "direct"
@@ -188,13 +192,20 @@ def figures(bench: Bench) -> dict[str, Figures]:
             cpu_ms_per_request=cap.cpu_ms_per_request if cap else None,
             stream_rps=stream.load.rps if stream else None,
             stream_load_bound=bool(stream and stream.load_bound),
-            stream_share=(stream.load.rps / base_stream.load.rps
-                          if stream and base_stream and base_stream.load.rps else None),
+            stream_share=_ratio(stream, base_stream),
+            floor_share=_ratio(stream, floor_stream),
             cpu_ms_per_stream=stream.cpu_ms_per_request if stream else None,
             probe_requests=stream.upstream.get("probes") if stream and relative else None,
             errors=sum(c.load.errors for c in (lat, cap, stream) if c),
         )
     return out
+
+
+def _ratio(cell: Cell | None, base: Cell | None) -> float | None:
+    """`cell`'s throughput over `base`'s."""
+    if cell is None or base is None or not base.load.rps:
+        return None
+    return cell.load.rps / base.load.rps
 
 
 def _minus(cell: Cell | None, base: Cell | None, name: str) -> float | None:
@@ -224,6 +235,8 @@ def targets(figs: dict[str, Figures]) -> list[Target]:
          lambda v: v <= TARGET_ADDED_P50_MS),
         ("stream_share", "streaming throughput, share of direct", f">= {TARGET_STREAM_SHARE:.0%}",
          lambda v: v >= TARGET_STREAM_SHARE),
+        ("floor_share", "streaming throughput, share of the floor", f">= {TARGET_FLOOR_SHARE:.0%}",
+         lambda v: v >= TARGET_FLOOR_SHARE),
         ("cpu_ms_per_stream", f"proxy CPU per {STREAM_TOKENS}-chunk stream, ms",
          f"<= {TARGET_CPU_MS_PER_STREAM}", lambda v: v <= TARGET_CPU_MS_PER_STREAM),
     ]
@@ -304,7 +317,7 @@ def _proxy(setup: Setup, upstream_url: str, core: int | None, workdir: Path,
     port = free_port()
     if setup.probe_rate is None:
         cmd = [sys.executable, "-m", "dynasorctl.bench.floor_proxy", "--upstream", upstream_url,
-               "--port", str(port)]
+               "--port", str(port), "--client", "dynasor" if setup.key == "relay" else "aiohttp"]
     else:
         db = f"sqlite:///{workdir / f'{setup.key}.db'}"
         cmd = [*_dynasorctl(), "observe", "--upstream", upstream_url, "--host", "127.0.0.1",
@@ -381,10 +394,6 @@ def _stats(fake: Server) -> dict[str, int]:
     return {k: int(v) for k, v in json.loads(fake.get("/stats")).items()}
 
 
-METRIC_LINE = re.compile(r'^(dynasor_[a-z_]+?)(?:_total)?(?:\{status="([a-z]+)"\})? (\d+)$',
-                         re.MULTILINE)
-
-
 def _proxy_counters(server: Server, setup: Setup) -> dict[str, int]:
     """dynasor's probe outcomes and record counts, from its /metrics."""
     if setup.probe_rate is None:
@@ -394,12 +403,15 @@ def _proxy_counters(server: Server, setup: Setup) -> dict[str, int]:
 
 def parse_counters(text: str) -> dict[str, int]:
     """`probes_<status>`, `records_written` and `records_dropped` from dynasor's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, int] = {}
-    for name, status, value in METRIC_LINE.findall(text):
-        if name == "dynasor_probes" and status:
-            out[f"probes_{status}"] = int(value)
-        elif name in ("dynasor_records_written", "dynasor_records_dropped"):
-            out[name.removeprefix("dynasor_")] = int(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "dynasor_probes_total":
+                out[f"probes_{sample.labels['status']}"] = int(sample.value)
+            elif sample.name in ("dynasor_records_written_total", "dynasor_records_dropped_total"):
+                out[sample.name.removeprefix("dynasor_").removesuffix("_total")] = int(sample.value)
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
+from statistics import median
 from typing import Any
 
 from rich.console import Group
@@ -85,7 +86,8 @@ def placement(bench: Bench) -> str:
             f"behind a proxy on core {bench.load_core}")
 
 
-SHORT = {"direct": "direct", "floor": "floor", "dynasor": "dynasor\nprobe off",
+SHORT = {"direct": "direct", "floor": "floor", "relay": "relay\nonly",
+         "dynasor": "dynasor\nprobe off",
          "dynasor-probing": "dynasor\nprobe on"}
 
 
@@ -118,6 +120,7 @@ def render(bench: Bench) -> Group:
     row(f"streams/s @16 ({STREAM_TOKENS} ch)",
         lambda f: _num(f.stream_rps, "{:,.0f}") + _bound(f.stream_load_bound))
     row("  share of direct", lambda f: _share(f.stream_share), goals["stream_share"])
+    row("  share of floor", lambda f: _share(f.floor_share), goals["floor_share"])
     row("CPU ms/stream @16", lambda f: _num(f.cpu_ms_per_stream), goals["cpu_ms_per_stream"])
     row("probes upstream @16", lambda f: _num(f.probe_requests, "{:,}"))
     table.add_section()
@@ -136,6 +139,34 @@ def render(bench: Bench) -> Group:
             ref.add_row(f"this run: {SHORT[key].replace(chr(10), ', ')}",
                         _num(figs[key].added_p50_ms, "{:.2f}"), _share(figs[key].stream_share))
     return Group(table, Text(""), ref, Text(""), Text.from_markup(probe_note(bench)))
+
+
+SPREAD = (("stream_share", "streaming, share of direct", _share),
+          ("floor_share", "streaming, share of the floor", _share),
+          ("cpu_ms_per_stream", "CPU ms a stream", _num),
+          ("added_p50_ms", "added p50 ms", _num))
+
+
+def spread(benches: list[Bench]) -> Table:
+    """Each setup's key figures over repeated runs: median, and the lowest and highest."""
+    figs = [figures(b) for b in benches]
+    setups = [k for k in benches[0].setups if k != "direct"]
+    table = Table(title=f"Over {len(benches)} runs: median [lowest - highest]")
+    table.add_column("")
+    for key in setups:
+        table.add_column(SHORT[key].replace(chr(10), ", "), justify="right")
+    for field, label, fmt in SPREAD:
+        cells = []
+        for key in setups:
+            values = sorted(v for f in figs if (v := getattr(f[key], field)) is not None)
+            cells.append("-" if not values else
+                         f"{fmt(median(values))} [{fmt(values[0])} - {fmt(values[-1])}]")
+        table.add_row(label, *cells)
+    disturbed = [d for b in benches if (d := foreign_load(b))]
+    if disturbed:
+        table.caption = (f"Other processes took up to {max(max(d) for d in disturbed):.0%} of a core "
+                         f"during {len(disturbed)} of the runs.")
+    return table
 
 
 def probe_note(bench: Bench) -> str:

@@ -128,8 +128,9 @@ class Figures(Answers):
 def never_stop_stops(table: ProbeTable) -> Stops:
     """The baseline: no probes, no stops."""
     zeros = np.zeros(table.n_runs, np.int64)
-    return Stops(row=np.full(table.n_runs, -1, np.int64), key=np.full(table.n_runs, -1, np.int64),
-                 probes=zeros, cost=zeros, decoded=zeros)
+    none = np.full(table.n_runs, -1, np.int64)
+    return Stops(row=none, key=none, probes=zeros, cost=zeros, decoded=zeros, pos=none,
+                 source=zeros)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,17 +159,18 @@ def outcomes(table: ProbeTable, grades: Grades, stops: Stops, runs: np.ndarray) 
 
 
 def figures(table: ProbeTable, grades: Grades, stops: Stops, runs: np.ndarray,
-            alpha: float = 0.05, bounds: bool = True) -> Figures:
+            alpha: float = 0.05, bounds: bool = True, run_level: bool = True) -> Figures:
     """The figures of `stops` over the runs selected by the boolean mask `runs`.
 
-    `bounds`: compute the 95% bounds on damage (held out; the tuning split needs none).
+    `bounds`: compute the 95% bounds on damage (held out; on the tuning split only to order
+    the testing, and without the run-level ones: `run_level`).
     """
     out = outcomes(table, grades, stops, runs)
     n = int(runs.sum())
     main = table.main_tokens[runs]
     total = float(main.sum()) or 1.0
     stopped = stops.stopped[runs]
-    stop_pos = table.pos[np.maximum(stops.row[runs], 0)]
+    stop_pos = stops.pos[runs]
     saved = float(np.where(stopped, main - stop_pos, 0).sum())
     cost = float(stops.cost[runs].sum())
     changed = int(out.changed.sum())
@@ -191,5 +193,5 @@ def figures(table: ProbeTable, grades: Grades, stops: Stops, runs: np.ndarray,
         accuracy_full=right_full / n_lab if n_lab else None,
         accuracy_policy=(right_full - lost + gained) / n_lab if n_lab else None,
         damage=damage(grades.problem[runs], out.changed, out.labelled, out.lost, out.gained,
-                      alpha, bounds),
+                      alpha, bounds, run_level),
     )

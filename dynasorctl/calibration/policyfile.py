@@ -13,7 +13,6 @@ from pydantic import BaseModel
 
 from dynasorctl.errors import UserError
 from proxy.core.policy import (
-    POLICY_FILE_VERSION,
     PolicyFile,
     PolicyFileError,
     load_policy_file,
@@ -73,7 +72,7 @@ def _table(name: str, model: BaseModel) -> list[str]:
 def dump_policy_file(policy: PolicyFile) -> str:
     """The policy file's TOML text; `parse_policy_file` reads it back unchanged."""
     lines = [
-        f"# dynasor policy file, format version {POLICY_FILE_VERSION}.",
+        f"# dynasor policy file, format version {policy.version}.",
         "# Fields are documented in the README, section \"Policy files\".",
         f"version = {policy.version}",
         "# cot: chain-of-thought, sc: self-consistency",

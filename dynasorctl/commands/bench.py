@@ -53,9 +53,13 @@ def proxy(
     ] = False,
     setup: Annotated[
         list[str] | None,
-        typer.Option(help="Run only this setup (repeatable): direct, floor, dynasor, "
+        typer.Option(help="Run only this setup (repeatable): direct, floor, relay, dynasor, "
                      "dynasor-probing.", show_default="all"),
     ] = None,
+    repeat: Annotated[
+        int, typer.Option(help="Run the whole comparison this many times and report the spread "
+                          "(a shared machine's figures move from run to run).", min=1)
+    ] = 1,
 ) -> None:
     """Direct vs. a minimal pass-through vs. dynasor observe (probing off, on), on loopback."""
     from dynasorctl.bench import load, proxy_bench, report
@@ -73,14 +77,22 @@ def proxy(
     if generator == "python":
         err_console.print("[yellow]wrk not used: the Python load generator saturates its own core "
                           "first, so capacity and streaming figures understate every setup[/]")
-    try:
-        result = proxy_bench.run(seconds, warmup, generator, chosen, probe_interval, keep_awake,
-                                 burst, say=lambda line: err_console.print(line, style="dim"))
-    except proxy_bench.BenchError as exc:
-        raise UserError(str(exc)) from exc
-    Console().print(report.render(result))
+    runs = []
+    for i in range(repeat):
+        if repeat > 1:
+            err_console.print(f"run {i + 1} of {repeat}", style="bold")
+        try:
+            result = proxy_bench.run(seconds, warmup, generator, chosen, probe_interval, keep_awake,
+                                     burst, say=lambda line: err_console.print(line, style="dim"))
+        except proxy_bench.BenchError as exc:
+            raise UserError(str(exc)) from exc
+        Console().print(report.render(result))
+        runs.append(result)
+    if repeat > 1:
+        Console().print(report.spread(runs))
     if json_file is not None:
-        json_file.write_text(json.dumps(report.to_json(result), indent=2) + "\n")
+        data = report.to_json(runs[0]) if repeat == 1 else {"runs": [report.to_json(r) for r in runs]}
+        json_file.write_text(json.dumps(data, indent=2) + "\n")
         err_console.print(f"figures written to {json_file}")
 
 
@@ -128,6 +140,9 @@ def enforce(
         "--traces", help="Trace file to send: chain-of-thought traces, or self-consistency programs "
         "for an sc policy.")],
     policy: Annotated[Path, typer.Option("--policy", help="Policy file to enforce (TOML).")],
+    trials: Annotated[list[Path] | None, typer.Option(
+        "--trials", help="Trials recorded for the traces (repeatable; joined by trace_id), for "
+        "policies that take trials at transition words.")] = None,
     tokens_per_second: Annotated[float, typer.Option(
         min=0, help="Replay speed per stream (far above it, probes fall behind the stream).")] = 500.0,
     concurrency: Annotated[int, typer.Option(min=1, help="Problems in flight at once.")] = 8,
@@ -138,20 +153,38 @@ def enforce(
     from rich.table import Table
 
     from dynasorctl.bench import enforce_bench
+    from dynasorctl.calibration.evaluate import check_trials
     from dynasorctl.calibration.policyfile import read_policy_file
     from dynasorctl.traces import TraceFileError, load_cot, load_sc
+    from dynasorctl.trials import load_trials
+    from proxy.pipeline.probe import ENFORCED_TRIGGERS
 
     pf = read_policy_file(policy)
     try:
         records = load_sc(traces) if pf.kind == "sc" else load_cot(traces)
+        recorded = load_trials(trials) if trials else None
     except TraceFileError as exc:
         raise UserError(f"{exc} (the policy is a {pf.kind} policy)") from exc
+    if recorded is not None and pf.kind == "sc":
+        raise UserError("trial files go with chain-of-thought traces, not self-consistency "
+                        "programs")
     records = records[:limit] if limit else records
+    if pf.cot is not None:
+        check_trials(pf.cot, recorded.setup if recorded is not None else None)
+        missing = [t.trace_id for t in records  # type: ignore[union-attr]
+                   if recorded is not None and t.trace_id not in recorded.by_trace]
+        if missing:
+            raise UserError(f"trace {missing[0]} has no trials in "
+                            f"{', '.join(map(str, trials or []))} ({len(missing)} traces lack them)")
+        unenforced = sorted(pf.cot.triggers - ENFORCED_TRIGGERS)
+        if unenforced:
+            err_console.print(f"[yellow]note:[/] this proxy does not enforce "
+                              f"{', '.join(unenforced)} yet: observed will fall short of predicted")
     console = Console()
     with Progress(console=console) as bar:
         task = bar.add_task("through the enforcing proxy", total=len(records))
         predicted, observed = enforce_bench.run(traces, records, policy, pf, tokens_per_second,
-                                                concurrency, lambda: bar.advance(task))
+                                                concurrency, lambda: bar.advance(task), recorded)
     what = "programs" if pf.kind == "sc" else "traces"
     table = Table(title=f"{policy.name} on {len(records)} {what} of {traces.name}")
     for col in ("", "evaluate (predicted)", "through the proxy (observed)", "difference"):
@@ -161,13 +194,17 @@ def enforce(
         ("accuracy, policy", predicted.accuracy_policy, observed.accuracy_policy),
         ("stopped", predicted.stopped, observed.stopped),
         ("net saved", predicted.net_saved, observed.net_saved),
+        # evaluate stops at the probe's position; the stream goes on until the probe answers
+        ("net saved at the decisions", predicted.net_saved, observed.net_saved + observed.past_decision),
     ]
     for name, want, got in rows:
         if want is None:
             continue
         table.add_row(name, f"{want:.1%}", f"{got:.1%}", f"{(got - want) * 100:+.1f} pts")
     console.print(table)
-    console.print(f"probes sent by the proxy: {observed.probes:,} ({observed.probe_tokens:,} tokens decoded)")
+    console.print(f"probes sent by the proxy: {observed.probes:,} ({observed.probe_tokens:,} tokens decoded); "
+                  f"{observed.past_decision:.1%} of all tokens were generated after a decision, "
+                  "while its probe was being answered")
 
 
 @bench_app.command()

@@ -202,7 +202,7 @@ def list_(
     format: Annotated[Format, typer.Option(help="table for people, json for scripts.")] = Format.table,
 ) -> None:
     """List the most recently imported labels, with how many recorded requests each reaches."""
-    engine = store(db)
+    engine = store(db, existing=True)
     try:
         with Session(engine) as session:
             reach = (select(func.count()).select_from(RequestRow)

@@ -54,7 +54,7 @@ def list_(
     format: Annotated[Format, typer.Option(help="table for people, json for scripts.")] = Format.table,
 ) -> None:
     """List the most recent recorded requests."""
-    engine = store(db)
+    engine = store(db, existing=True)
     try:
         with Session(engine) as session:
             rows = session.scalars(
@@ -67,7 +67,7 @@ def list_(
         print(json.dumps(data, indent=None))
         return
     if not data:
-        Console().print("no requests recorded yet")
+        Console(markup=False).print("no requests recorded yet")
         return
     table = Table(title=f"{len(data)} most recent requests")
     for col in LIST_COLUMNS:
@@ -75,7 +75,7 @@ def list_(
     for row in data:
         row = {**row, "id": row["id"][:12], "created_at": row["created_at"][:19]}
         table.add_row(*(_fmt(row[c]) for c in LIST_COLUMNS))
-    Console().print(table)
+    Console(markup=False).print(table)
 
 
 @requests_app.command()
@@ -85,7 +85,7 @@ def show(
     format: Annotated[Format, typer.Option(help="table for people, json for scripts.")] = Format.table,
 ) -> None:
     """Show one request with its probes and program samples."""
-    engine = store(db)
+    engine = store(db, existing=True)
     try:
         with Session(engine) as session:
             matches = session.scalars(
@@ -108,7 +108,7 @@ def show(
     if format is Format.json:
         print(json.dumps(data))
         return
-    console = Console()
+    console = Console(markup=False)  # recorded text (answers like [1, 2]) shown as it is
     head = Table(show_header=False, title=f"request {data['id']}")
     for key, value in data.items():
         if key not in ("probes", "samples", "id"):

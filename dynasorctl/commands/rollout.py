@@ -103,7 +103,8 @@ def _history_table(entries: list[AuditEntry], title: str) -> Table:
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    # Scopes, reasons and names are the operator's text: shown as typed, not as markup.
+    return Console(highlight=False, soft_wrap=True, markup=False)
 
 
 def _print_change(s: ScopeState) -> None:
@@ -118,7 +119,7 @@ def _print_change(s: ScopeState) -> None:
 @rollout_app.command()
 def status(db: DbOption = None, format: FormatOption = Format.table) -> None:
     """Every scope, its treatment and policy, and the last changes."""
-    engine = store(db)
+    engine = store(db, existing=True)
     with _edge():
         state = rollout.load_state(engine)
         recent = rollout.history(engine, STATUS_HISTORY)
@@ -209,7 +210,7 @@ def history(
     db: DbOption = None,
 ) -> None:
     """The audit trail: every change, newest first, with who made it and why."""
-    engine = store(db)
+    engine = store(db, existing=True)
     with _edge():
         entries = rollout.history(engine, limit, scope)
     if format is Format.json:

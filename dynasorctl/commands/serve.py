@@ -8,7 +8,6 @@ with that environment's Python, running this checkout's code.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import signal
 import sys
@@ -17,8 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
-from dynasorctl.commands.observe import admin_app, check_listen, load_settings, serving
-from dynasorctl.errors import UserError, err_console
+from dynasorctl.commands.observe import admin_app, announcer, check_listen, load_settings, serving
+from dynasorctl.errors import UserError
 from dynasorctl.options import (
     ConfigOption,
     DbOption,
@@ -30,6 +29,7 @@ from dynasorctl.options import (
     ProbeRateOption,
     StoreTextOption,
 )
+from proxy.logs import configure as configure_logs
 
 ROOT = Path(__file__).resolve().parents[2]  # this checkout
 ENGINE_PYTHON = "DYNASOR_ENGINE_PYTHON"  # overrides <checkout>/.venv-engine/bin/python
@@ -89,12 +89,13 @@ async def _run(settings: Any, engine_args: Any, scheduler: Any, capacity: int | 
         raise UserError(f"the engine failed to start ({_first_line(exc)}); see its log above") from exc
     try:
         app = ServeApp(settings, engine, scheduler)
-        err_console.print(
-            f"dynasor serving {engine.model_name} on http://{settings.host}:{settings.port} "
-            f"({settings.mode}; scheduler {type(engine.admission.scheduler).__name__}, "
-            f"capacity {engine.admission.capacity})")
+        announce = announcer(settings.log_format)
+        announce(f"dynasor serving {engine.model_name} on http://{settings.host}:{settings.port} "
+                 f"({settings.mode}; scheduler {type(engine.admission.scheduler).__name__}, "
+                 f"capacity {engine.admission.capacity})")
         signals.serving = True
-        await serving(app, settings.host, settings.port, admin_app(app, settings), settings.admin_port)
+        await serving(app, settings.host, settings.port, admin_app(app, settings, announce), settings.admin_port,
+                      settings.log_format, settings.shutdown_grace_s)
     finally:
         signals.serving = True  # a signal now must not interrupt the engine's shutdown
         engine.shutdown()
@@ -160,7 +161,7 @@ def serve(
         engine_args = parse_engine_args(str(model.resolve()), ctx.args)
     except EngineOptionError as exc:
         raise UserError(f"engine options: {exc}") from exc
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logs(settings.log_format)
     import uvloop
 
     uvloop.run(_run(settings, engine_args, factory, capacity))

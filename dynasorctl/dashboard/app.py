@@ -8,6 +8,7 @@ store; a store or proxy that fails shows in a banner and the dashboard keeps run
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -154,6 +155,21 @@ class DashboardApp(App[None]):
 
     # --- reading ------------------------------------------------------------------------------
 
+    def _to_ui(self, callback: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """From a worker thread: run `callback` on the UI, unless the dashboard is closing.
+
+        A read still under way when the dashboard closes comes back to widgets that are going
+        or gone; its answer is dropped (it once ended the app with `NoMatches`).
+        """
+        def deliver() -> None:
+            if self.is_running:
+                callback(*args, **kwargs)
+
+        try:
+            self.call_from_thread(deliver)
+        except RuntimeError:  # the app stopped running while the read was under way
+            pass
+
     def action_refresh(self) -> None:
         self._refresh(self.filters)
 
@@ -181,7 +197,7 @@ class DashboardApp(App[None]):
             snap.problems.append(f"store error: {type(exc).__name__}: {exc}")
         if self.proxy_url is not None:
             snap.proxy = self._health(snap.problems)
-        self.call_from_thread(self._show, snap, filters)
+        self._to_ui(self._show, snap, filters)
 
     def _health(self, problems: list[str]) -> dict[str, Any] | None:
         try:
@@ -221,13 +237,13 @@ class DashboardApp(App[None]):
         try:
             found = self.source.savings(active_policy)
         except SourceError as exc:
-            self.call_from_thread(self._show_savings, None, str(exc))
+            self._to_ui(self._show_savings, None, str(exc))
             return
         except Exception as exc:  # noqa: BLE001 - a replay surprise must not end the dashboard
-            self.call_from_thread(self._show_savings, None,
+            self._to_ui(self._show_savings, None,
                                   f"savings failed: {type(exc).__name__}: {exc}")
             return
-        self.call_from_thread(self._show_savings, found, None)
+        self._to_ui(self._show_savings, found, None)
 
     def _show_savings(self, found: Savings | None, problem: str | None) -> None:
         self.savings = found
@@ -254,17 +270,17 @@ class DashboardApp(App[None]):
             # A step at a time, not a message per candidate: the UI thread stays free.
             if not shown or shown[-1].split(" ")[0] != line.split(" ")[0] or done == total:
                 shown.append(line)
-                self.call_from_thread(self._calibration_status, line)
+                self._to_ui(self._calibration_status, line)
 
         try:
             result = self.source.calibrate(settings, progress)
         except (UserError, SourceError) as exc:
-            self.call_from_thread(self._calibrated, None, str(exc))
+            self._to_ui(self._calibrated, None, str(exc))
             return
         except Exception as exc:  # noqa: BLE001 - a calibration bug must not end the dashboard
-            self.call_from_thread(self._calibrated, None, f"{type(exc).__name__}: {exc}")
+            self._to_ui(self._calibrated, None, f"{type(exc).__name__}: {exc}")
             return
-        self.call_from_thread(self._calibrated, result, None)
+        self._to_ui(self._calibrated, result, None)
 
     def _calibrated(self, result: CalibrationResult | None, error: str | None) -> None:
         if error is not None:
@@ -318,9 +334,9 @@ class DashboardApp(App[None]):
         try:
             timeline = self.source.timeline(request_id)
         except SourceError as exc:
-            self.call_from_thread(self.notify, str(exc), severity="error")
+            self._to_ui(self.notify, str(exc), severity="error")
             return
-        self.call_from_thread(self._show_timeline, timeline)
+        self._to_ui(self._show_timeline, timeline)
 
     def _show_timeline(self, timeline: Timeline | None) -> None:
         self.timeline = timeline
@@ -382,11 +398,11 @@ class DashboardApp(App[None]):
                 policy = "none" if s.policy_id is None else f"{s.policy_id} (v{s.policy_version})"
                 message = f"scope {s.scope!r}: {s.mode} {s.percent:g}%, policy {policy}"
         except (RolloutError, SourceError) as exc:
-            self.call_from_thread(self.notify, str(exc), title=f"{what} refused",
+            self._to_ui(self.notify, str(exc), title=f"{what} refused",
                                   severity="error")
             return
-        self.call_from_thread(self.notify, message, title=what)
-        self.call_from_thread(self.action_refresh)
+        self._to_ui(self.notify, message, title=what)
+        self._to_ui(self.action_refresh)
 
 
 def parse_percent(text: str) -> float:

@@ -21,7 +21,7 @@ functions, run by the dashboard in a worker thread.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -271,13 +271,18 @@ def policy_savings(engine: Engine, policy: StoredPolicy, runs: Sequence[Observed
         return PolicySavings(policy, shadow, enforced, None, str(exc))
 
 
-def savings(engine: Engine, active_id: int | None, max_runs: int = MAX_RUNS) -> Savings:
-    """Savings of the active policy (by id) and of the newest stored one: bounded reads."""
+def savings(engine: Engine, active_id: int | None, max_runs: int = MAX_RUNS,
+            runs_from: Callable[[int], list[ObservedRun]] | None = None) -> Savings:
+    """Savings of the active policy (by id) and of the newest stored one: bounded reads.
+
+    The replay reads the newest `max_runs` runs through `runs_from` (a Parquet export, say),
+    else from the store.
+    """
     active = read_policy(engine, active_id) if active_id is not None else None
     newest = newest_policy(engine)
     if active is None and newest is None:
         return Savings(None, None)
-    runs = recent_runs(engine, max_runs)
+    runs = runs_from(max_runs) if runs_from is not None else recent_runs(engine, max_runs)
     with Grader(workers=1) as grader:  # one thread: the dashboard's worker
         one = policy_savings(engine, active, runs, grader) if active else None
         if newest is not None and active is not None and newest.id == active.id:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
+from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import ColumnElement, Engine, and_, case, func, or_, select
@@ -24,6 +25,7 @@ from dynasorctl.dashboard.calibrate import (
 )
 from dynasorctl.dashboard.savings import Savings, StoredPolicy, newest_policy
 from dynasorctl.dashboard.savings import savings as read_savings
+from dynasorctl.errors import UserError
 from proxy.control import rollout
 from proxy.control.rollout import AuditEntry, ScopeState
 from proxy.core.policy import PAPER_DEFAULT, CotPolicy, ProbeObservation, first_stop
@@ -168,10 +170,11 @@ class StoreSource:
     """The dashboard's reads over one store engine, and the rollout changes it offers."""
 
     def __init__(self, engine: Engine, clock: Clock | None = None,
-                 policy: CotPolicy = PAPER_DEFAULT) -> None:
+                 policy: CotPolicy = PAPER_DEFAULT, parquet: Path | None = None) -> None:
         self.engine = engine
         self._clock = clock or (lambda: datetime.now(UTC))
         self.policy = policy
+        self.parquet = parquet  # a Parquet export the savings replay reads instead of the store
 
     def now(self) -> datetime:
         return self._clock()
@@ -184,6 +187,8 @@ class StoreSource:
             if "no such table" in reason or "no such column" in reason:
                 reason += " (an empty or old store: run `dynasorctl db upgrade`)"
             raise SourceError(f"store error: {reason}") from exc
+        except UserError as exc:  # a Parquet export that cannot be read
+            raise SourceError(str(exc)) from exc
 
     # --- traffic ------------------------------------------------------------------------------
 
@@ -310,7 +315,13 @@ class StoreSource:
 
     def savings(self, active_policy: int | None) -> Savings:
         """Observed and projected savings of the active and the newest policy (slow: a worker)."""
-        return self._run(lambda: read_savings(self.engine, active_policy))
+        runs_from = None
+        if self.parquet is not None:
+            from dynasorctl.calibration import parquet_source
+
+            export = self.parquet
+            runs_from = lambda n: parquet_source.load_runs(export, newest=n).runs
+        return self._run(lambda: read_savings(self.engine, active_policy, runs_from=runs_from))
 
     def calibrate(self, settings: CalibrationSettings,
                   progress: Progress | None = None) -> CalibrationResult:

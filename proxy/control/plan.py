@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ from proxy.core.policy import (
 from proxy.core.treatment import Mode, choose
 from proxy.metrics import Metrics
 from proxy.settings import Settings
+from proxy.store.secrets import ROLLOUT_SALT, shared_secret
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -72,9 +74,13 @@ class Control:
         self._engine: Engine | None = None
         self._task: asyncio.Task[None] | None = None
         self.poll_error: str | None = None
+        # Keys the rollout hash. Without a store (tests), one of this process's own.
+        self._salt = os.urandom(32)
 
     async def start(self, engine: Engine) -> None:
         self._engine = engine
+        # Shared through the store, so every proxy on it puts a program in the same group.
+        self._salt = await asyncio.to_thread(shared_secret, engine, ROLLOUT_SALT)
         await self.refresh()
         self._task = asyncio.create_task(self._poll(), name="dynasor-rollout-poll")
 
@@ -127,7 +133,8 @@ class Control:
             chosen = None
         policy = chosen.cot if chosen is not None and samples == 1 else None
         sc = chosen.sc if chosen is not None and (samples > 1 or tagged) else None
-        mode = choose(scope_mode, percent, program_key, opt, self.settings.allow_opt_in)  # type: ignore[arg-type]
+        mode = choose(scope_mode, percent, program_key, opt, self.settings.allow_opt_in,  # type: ignore[arg-type]
+                      self._salt)
         if mode in ("shadow", "enforce") and policy is None and sc is None:
             mode = "observe"
         watch = self.guardrails.scopes.get(scope)

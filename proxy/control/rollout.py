@@ -8,8 +8,10 @@ scope, else its model's, else "*". With no scope rows at all, proxies follow the
 own flags.
 
 Writers take the store's write lock before they read (SQLite: BEGIN IMMEDIATE;
-elsewhere SELECT ... FOR UPDATE), so a change never rests on a state another writer
-has replaced meanwhile: a promote that raced a kill cannot undo it. Each change
+PostgreSQL: a transaction-level advisory lock, then SELECT ... FOR UPDATE), so a change
+never rests on a state another writer has replaced meanwhile: a promote that raced a kill
+cannot undo it. Serialising every writer also makes audit ids commit in order, so the
+state's version (the newest audit id) never skips a change another proxy has not seen. Each change
 writes the scope row and one audit row per field in one transaction. Store failures
 surface as SQLAlchemy errors; invalid changes as `RolloutError`, with nothing written.
 """
@@ -25,7 +27,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, Select, func, insert, select, update
+from sqlalchemy import Connection, Engine, Row, Select, func, insert, select, text, update
 
 from proxy.core.policy import PolicyFileError, parse_policy_file
 from proxy.store.models import PolicyRow, RolloutAuditRow, RolloutScopeRow
@@ -243,6 +245,9 @@ def _check_complete(scope: str, after: _Fields) -> None:
 # --- writing ----------------------------------------------------------------------------------
 
 
+ROLLOUT_LOCK = 0x64796E61736F73  # PostgreSQL advisory lock of rollout writers
+
+
 @contextmanager
 def _writing(engine: Engine) -> Iterator[Connection]:
     """A transaction that holds the write lock from its first read (see the module's doc)."""
@@ -251,6 +256,10 @@ def _writing(engine: Engine) -> Iterator[Connection]:
             # pysqlite only begins a transaction at the first write; reads before it would
             # see a state another writer may replace before ours lands.
             conn.exec_driver_sql("BEGIN IMMEDIATE")
+        elif conn.dialect.name == "postgresql":
+            # Row locks cannot cover a scope not written yet (two creators would collide);
+            # held until commit or rollback.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ROLLOUT_LOCK})
         try:
             yield conn
         except BaseException:

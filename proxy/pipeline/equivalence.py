@@ -9,10 +9,18 @@ nor hang forever.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import multiprocessing
+import os
+import signal
+import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
+from importlib.machinery import ModuleSpec
+from multiprocessing.connection import wait
 
 from proxy.core.certaindex import normalize_answer
 
@@ -23,6 +31,69 @@ STARTUP_TIMEOUT_S = 60.0
 
 # math-verify's own timeouts use SIGALRM, which only works in the main thread.
 _SIGNAL_TIMEOUT_S = 3
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with(parent: int) -> None:
+    """The worker's initializer: it ends with the proxy, however the proxy ends.
+
+    A fresh interpreter (spawned, not forked) holds none of the proxy's sockets, store
+    files or signal handlers. The kernel kills it when the proxy dies, even by SIGKILL;
+    SIGTERM ends it; Ctrl-C, which reaches the whole process group, is the proxy's to act on.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: shutdown still ends it (`_discard`)
+        pass
+    if os.getppid() != parent:  # the proxy died before the line above took effect
+        os._exit(0)
+
+
+def _pool() -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_die_with, initargs=(os.getpid(),))
+
+
+@contextmanager
+def _main_not_rerun() -> Iterator[None]:
+    """While a worker is spawned: it must not run the proxy's main script again.
+
+    A spawned process re-imports its parent's `__main__` unless that is named `__main__`;
+    a script that embeds the proxy without an `if __name__ == "__main__"` guard would
+    start itself again in the worker (a test script that started SGLang started a second).
+    The worker needs only this module, which it imports by name.
+    """
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    main.__spec__ = ModuleSpec("__main__", None)
+    try:
+        yield
+    finally:
+        main.__spec__ = spec
+
+
+def _discard(pool: ProcessPoolExecutor, grace_s: float = 0.0, release: bool = False) -> None:
+    """Stop `pool` and make sure its worker is gone: an idle one leaves when told, within
+    `grace_s`; a stuck one (a check past its time) is killed.
+
+    With `release` (blocking, for shutdown) the pool's queues are released now too: their
+    semaphores would otherwise wait for an interpreter exit that a signal may cut short,
+    and the spawn context's resource tracker would then warn of them on stderr.
+    """
+    processes = list((pool._processes or {}).values())  # no public handles in 3.11
+    manager = pool._executor_manager_thread
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        # Its sentinel, not join(): the pool's own thread reaps it, and a pid reaped is free
+        # for another process; one whose sentinel is not ready has not exited.
+        if not wait([process.sentinel], grace_s):
+            process.kill()
+    if release and manager is not None:
+        manager.join(timeout=5.0)  # it closes the queues once the worker is gone
 
 
 def _start_worker() -> bool:
@@ -128,7 +199,7 @@ class AsyncEquivalence:
             self.timeouts += 1
             log.warning("answer equivalence check failed (%r); treating as different", exc)
             if self._pool is pool:  # checks awaited together share one pool: replace it once
-                pool.shutdown(wait=False, cancel_futures=True)
+                _discard(pool)
                 self._pool = None
             result = False
         self._cache[key] = result
@@ -136,10 +207,11 @@ class AsyncEquivalence:
 
     def _worker(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=1)
+            self._pool = _pool()
             # The worker's start and imports take seconds on a busy machine; checks wait for
             # them apart from their own time limit, so a slow start is not a wrong verdict.
-            self._started = self._pool.submit(_start_worker)
+            with _main_not_rerun():  # the pool starts its worker on this first submit
+                self._started = self._pool.submit(_start_worker)
         return self._pool
 
     def warm(self) -> None:
@@ -165,5 +237,5 @@ class AsyncEquivalence:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            _discard(self._pool, grace_s=1.0, release=True)
             self._pool = None

@@ -6,10 +6,11 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from proxy.core.policy import StopInfo
 from proxy.core.treatment import Mode
+from proxy.pipeline.sse import error_body, error_frame
 from proxy.upstream.base import JOB_HEADER, PROGRAM_HEADER, Headers, forwardable
 
 if TYPE_CHECKING:
@@ -24,6 +25,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 ENFORCED = (b"x-dynasor-mode", b"enforce")  # the response header of an enforced request
+T = TypeVar("T")
+END_EARLY_TIMEOUT_S = 2.0  # longest wait to tell a client its response ends early
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Exchange:
     program: ProgramResult | None = None  # the samples of a request run under a self-consistency policy
     member: bool = False  # one sample of a tagged program under a self-consistency policy
     client_headers: Headers = field(default_factory=list)  # the request's, as the client sent them
+    recorded: bool = False  # counted and handed to the recorder (once)
+    affinity: tuple[bytes, bytes] | None = None  # the router's session header, on every upstream call
 
     @property
     def program_key(self) -> str:
@@ -103,10 +108,71 @@ async def respond(send: Send, status: int, body: bytes, headers: Headers) -> Non
     await send({"type": "http.response.body", "body": body})
 
 
-async def read_body(receive: Receive) -> bytes:
+class Response:
+    """The ASGI `send` of one request, remembering what the client has been sent."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+        self.complete = False
+        self.sse = False
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        await self._send(message)
+        if message["type"] == "http.response.start":
+            self.started = True
+            self.sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                           for k, v in message.get("headers", ()))
+        elif message["type"] == "http.response.body" and not message.get("more_body"):
+            self.complete = True
+
+
+async def end_early(send: Response, message: str, type_: str, code: int) -> int | None:
+    """End a response the proxy cannot finish as planned; the status sent, if it sent one.
+
+    Nothing sent yet: an OpenAI-shaped error. A stream under way: an error event and
+    `[DONE]`. A body under way: left incomplete, so the client sees it cut (the server
+    closes the connection) instead of a shorter body passed off as whole.
+    """
+    if send.complete:
+        return None
+    try:
+        async with asyncio.timeout(END_EARLY_TIMEOUT_S):  # a client that stopped reading
+            if not send.started:
+                await respond(send, code, error_body(message, type_, code), JSON_HEADERS)
+                return code
+            if send.sse:
+                await send({"type": "http.response.body", "body": error_frame(message, type_, code),
+                            "more_body": False})
+    except (TimeoutError, OSError):
+        pass
+    return None
+
+
+async def told(me: asyncio.Task[Any], telling: Awaitable[T]) -> T | None:
+    """Tell the client how its request ended; a cancellation meanwhile (a second signal)
+    cuts the telling short, not the recording that follows."""
+    try:
+        return await telling
+    except asyncio.CancelledError:
+        me.uncancel()
+        return None
+
+
+class BodyTimeout(Exception):
+    """The client sent less of its body than it announced and then nothing for too long."""
+
+
+async def read_body(receive: Receive, timeout_s: float | None = None) -> bytes:
+    """The whole request body; BodyTimeout when the next piece is `timeout_s` late."""
     parts = []
     while True:
-        message = await receive()
+        try:
+            async with asyncio.timeout(timeout_s):
+                message = await receive()
+        except TimeoutError:
+            raise BodyTimeout(f"request body incomplete: {sum(map(len, parts))} bytes received, "
+                              f"then nothing for {timeout_s:g} s") from None
         if message["type"] == "http.disconnect":
             break
         parts.append(message.get("body", b""))
@@ -119,7 +185,7 @@ def json_object(raw: bytes) -> dict[str, Any] | None:
     """The request body as a JSON object, or None (it is still forwarded untouched)."""
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python can read
         return None
     return body if isinstance(body, dict) else None
 
@@ -152,10 +218,31 @@ def job_headers(headers: Headers, program: str, kind: str) -> Headers:
     return out + [(PROGRAM_HEADER, program.encode("latin-1")), (JOB_HEADER, kind.encode("latin-1"))]
 
 
-def probe_headers(headers: Headers, program: str) -> Headers:
-    """Probes carry the client's credentials, nothing else of its request, and their program."""
+def probe_headers(headers: Headers, program: str, affinity: tuple[bytes, bytes] | None = None) -> Headers:
+    """Probes carry the client's credentials, the request's session header and their program,
+    nothing else of its request."""
     out: Headers = [(b"content-type", b"application/json")]
     auth = header(headers, b"authorization")
     if auth is not None:
         out.append((b"authorization", auth.encode("latin-1")))
+    if affinity is not None:
+        out.append(affinity)
     return job_headers(out, program, "probe")
+
+
+def affinity_of(headers: Headers, name: str | None, key: str) -> tuple[bytes, bytes] | None:
+    """The header a router pins a session by (`name`; None: no router to pin) for one request:
+    the client's own value if it sent one, else `key` (its program, else the request), so the
+    request, its samples and its probes reach the replica whose prefix cache holds them."""
+    if not name:
+        return None
+    lower = name.lower().encode("latin-1")
+    value = header(headers, lower)
+    return lower, (key if value is None else value).encode("latin-1")
+
+
+def pinned(headers: Headers, affinity: tuple[bytes, bytes] | None) -> Headers:
+    """The client's headers with the session header added (a client's own is kept as sent)."""
+    if affinity is None or any(k == affinity[0] for k, _ in headers):
+        return headers
+    return [*headers, affinity]

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from proxy.pipeline.dialect import REASONING_FIELDS, error_message, reasoning_of
-from proxy.pipeline.sse import SseReader
+from proxy.pipeline.sse import SseReader, payload_array
 
 
 @dataclass(slots=True)
@@ -47,6 +47,10 @@ class Outcome:
     error: str | None = None
 
 
+def _count(value: Any, otherwise: int | None) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else otherwise
+
+
 # Called with a choice each time its token count reaches a multiple of the probe interval.
 OnTokens = Callable[[ChoiceText], None]
 
@@ -64,8 +68,18 @@ class ResponseObserver:
         self._out = Outcome(choices={}, finish_order=[])
         self.envelope: dict[str, Any] = {}  # id, object, created, model of the stream
         self.reasoning_field: str | None = None  # where the server put reasoning text
+        if self._sse is None:
+            # Nothing parsed on the way: feeding a chunk is a bare list append (once per chunk
+            # on the relay path, so no Python call of our own).
+            self.feed = self._raw.append  # type: ignore[method-assign]
+
+    def framing(self, sse: bool) -> None:
+        """What the response turned out to be: a request for a stream may get a JSON error."""
+        if not sse and self._stream:
+            self._stream, self._sse = False, None
 
     def feed(self, chunk: bytes) -> None:
+        """Take a copy of a chunk the client is sent (parsed now only when live)."""
         if self._sse is None:
             self._raw.append(chunk)
             return
@@ -78,44 +92,34 @@ class ResponseObserver:
 
     def finish(self) -> Outcome:
         """Everything observed; parses buffered bytes (call it off the hot path)."""
-        raw, self._raw = b"".join(self._raw), []
+        raw = b"".join(self._raw)
+        self._raw.clear()  # in place: `feed` may be bound to it
         if self._stream:
             if raw:
-                self._events(SseReader().feed(raw + b"\n\n"))
+                self._events(raw)
         elif raw:
             self._body(raw)
         return self._out
 
-    def _events(self, payloads: list[bytes]) -> None:
-        """Many events at once: one JSON parse of them all is several times cheaper."""
-        payloads = [p for p in payloads if p != b"[DONE]"]
+    def _events(self, raw: bytes) -> None:
+        """A whole stream at once: one JSON parse of all its events is several times cheaper."""
+        array = payload_array(raw)
+        if array is None:  # not the plain shape: read it event by event
+            payloads = [p for p in SseReader().feed(raw + b"\n\n") if p != b"[DONE]"]
+            array = b"[" + b",".join(payloads) + b"]"
         try:
-            bodies = orjson.loads(b"[" + b",".join(payloads) + b"]")
+            bodies = orjson.loads(array)
         except orjson.JSONDecodeError:  # one bad event: fall back to one at a time
-            for data in payloads:
+            for data in SseReader().feed(raw + b"\n\n"):
                 self._event(data)
             return
         for body in bodies:
             self._apply(body)
 
-    def _choice(self, index: int) -> ChoiceText:
-        choice = self._out.choices.get(index)
-        if choice is None:
-            choice = self._out.choices[index] = ChoiceText(index)
-        return choice
-
-    def _usage(self, body: dict[str, Any]) -> None:
-        usage = body.get("usage")
-        if isinstance(usage, dict):
-            self._out.prompt_tokens = usage.get("prompt_tokens", self._out.prompt_tokens)
-            self._out.completion_tokens = usage.get("completion_tokens", self._out.completion_tokens)
-        if body.get("model"):
-            self._out.model = body["model"]
-
-    def _finished(self, choice: ChoiceText, reason: Any) -> None:
-        if reason and choice.finish_reason is None:
-            choice.finish_reason = str(reason)
-            self._out.finish_order.append(choice.index)
+    def _usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):  # counts are taken only as counts: the upstream may send anything
+            self._out.prompt_tokens = _count(usage.get("prompt_tokens"), self._out.prompt_tokens)
+            self._out.completion_tokens = _count(usage.get("completion_tokens"), self._out.completion_tokens)
 
     def _event(self, data: bytes) -> None:
         if data == b"[DONE]":
@@ -127,21 +131,39 @@ class ResponseObserver:
         self._apply(body)
 
     def _apply(self, body: Any, stream: bool = True) -> None:
-        """One stream event (a chunk of text is a token) or a whole response body."""
+        """One stream event (a chunk of text is a token) or a whole response body.
+
+        The hot loop of recording: run once per event, so lookups are inlined.
+        """
         if not isinstance(body, dict):
             return
-        if (message := error_message(body)) is not None:
-            self._out.error = message
+        out = self._out
+        if ("error" in body or body.get("object") == "error") and (
+                message := error_message(body)) is not None:
+            out.error = message
             return
-        self._usage(body)
+        usage = body.get("usage")
+        if usage is not None:
+            self._usage(usage)
+        model = body.get("model")
+        if model and model.__class__ is str:
+            out.model = model
         if not self.envelope and "id" in body:  # the same on every chunk of a stream
             self.envelope = {k: body[k] for k in ("id", "object", "created", "model") if k in body}
+        choices = out.choices
+        chat = self._kind == "chat"
         for part in body.get("choices") or ():
-            choice = self._choice(int(part.get("index", 0)))
-            if self._kind == "chat":
+            index = int(part.get("index", 0))
+            choice = choices.get(index)
+            if choice is None:
+                choice = choices[index] = ChoiceText(index)
+            if chat:
                 # a stream carries deltas, a whole response one message
                 said = part.get("delta") or part.get("message") or {}
-                content, reasoning = said.get("content") or "", reasoning_of(said)
+                content = said.get("content") or ""
+                reasoning = said.get("reasoning_content") or said.get("reasoning") or ""
+                if reasoning.__class__ is not str:
+                    reasoning = reasoning_of(said)
             else:
                 content, reasoning = part.get("text") or "", ""
             if content or reasoning:
@@ -152,7 +174,10 @@ class ResponseObserver:
                 choice.tokens += stream
                 if stream and self._on_tokens is not None and choice.tokens % self._interval == 0:
                     self._on_tokens(choice)
-            self._finished(choice, part.get("finish_reason"))
+            reason = part.get("finish_reason")
+            if reason and choice.finish_reason is None:
+                choice.finish_reason = str(reason)
+                out.finish_order.append(index)
 
     def _body(self, raw: bytes) -> None:
         try:

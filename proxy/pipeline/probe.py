@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 # Probe points that may wait for the probe in flight; past this the upstream is
 # too slow for the probe schedule and further points are skipped (and counted).
 MAX_WAITING = 4
+# The chain-of-thought triggers (`CotPolicy.triggers`) this proxy enforces so far; a policy
+# using others is still decided on its periodic probes alone.
+ENFORCED_TRIGGERS: frozenset[str] = frozenset({"periodic"})
 
 
 @dataclass(slots=True)
@@ -58,6 +61,8 @@ class ProbeResult:
     status: str  # ok | error | cancelled
     certaindex: float | None = None
     signals: TextSignals | None = None
+    started: float | None = None  # perf_counter() when it was sent, and when it ended (traces)
+    ended: float | None = None
 
 
 class Prober:
@@ -92,9 +97,10 @@ class Prober:
         async with self._slots:
             started = time.perf_counter()
             output, tokens = await self._decode(path, headers, json.dumps(body).encode(), kind)
-        latency = (time.perf_counter() - started) * 1000
+        ended = time.perf_counter()
         self._metrics.probe_tokens += tokens
-        return ProbeResult(position, probe_answer(output), is_hesitant(output), tokens, latency, "ok")
+        return ProbeResult(position, probe_answer(output), is_hesitant(output), tokens,
+                           (ended - started) * 1000, "ok", started=started, ended=ended)
 
     async def _decode(self, path: str, headers: Headers, body: bytes, kind: str) -> tuple[str, int]:
         resp = await self._upstream.send("POST", path, headers, body)
@@ -142,6 +148,7 @@ class ProbeSession:
         self._task: asyncio.Task[None] | None = None
         self._waiting: deque[tuple[str, int]] = deque()
         self._pending_position = 0
+        self._pending_started: float | None = None
         self.policy = policy
         self.enforcing = enforcing and policy is not None
         self.results: list[ProbeResult] = []
@@ -193,6 +200,7 @@ class ProbeSession:
 
     async def _run(self, prefix: str, position: int) -> None:
         metrics = self._prober._metrics
+        self._pending_started = time.perf_counter()
         try:
             result = await self._prober.probe(self._kind, self._request, self._headers, prefix, position)
         except asyncio.CancelledError:
@@ -200,7 +208,8 @@ class ProbeSession:
         except (UpstreamError, ValueError) as exc:
             log.warning("probe at %d tokens failed: %s", position, exc)
             metrics.probes["error"] += 1
-            self.results.append(ProbeResult(position, None, False, 0, None, "error"))
+            self.results.append(ProbeResult(position, None, False, 0, None, "error",
+                                            started=self._pending_started, ended=time.perf_counter()))
             return
         metrics.probes["ok"] += 1
         ok = [r for r in self.results if r.status == "ok"] + [result]
@@ -231,6 +240,7 @@ class ProbeSession:
                 pass
             self._prober._metrics.probes["cancelled"] += 1
             self.results.append(
-                ProbeResult(self._pending_position, None, False, 0, None, "cancelled")
+                ProbeResult(self._pending_position, None, False, 0, None, "cancelled",
+                            started=self._pending_started, ended=time.perf_counter())
             )
         self._waiting.clear()

@@ -15,6 +15,7 @@ from proxy.store.recorder import Record
 
 if TYPE_CHECKING:
     from proxy.pipeline.app import Exchange, ProxyApp
+    from proxy.pipeline.probe import ProbeResult
 
 
 def _sha(text: str) -> str:
@@ -38,6 +39,21 @@ def prompt_hash(kind: str, body: dict[str, Any]) -> str:
     return _sha(prompt_text(kind, body))
 
 
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def bare_record(ex: Exchange, upstream: str, error: str) -> Record:
+    """What is known of a request whose whole record could not be built."""
+    body = ex.body or {}
+    return Record({
+        "id": ex.request_id, "created_at": datetime.now(UTC), "model": _text(body.get("model")),
+        "kind": ex.kind, "upstream": upstream, "mode": ex.mode, "stream": bool(body.get("stream")),
+        "status_code": ex.status, "error": ex.error or error,
+        "latency_ms": (ex.finished - ex.started) * 1000, "program_id": ex.program_id,
+    })
+
+
 def decision_of(ex: Exchange) -> StopInfo | None:
     """Where the policy stopped (or would have): a probe position, or for a request of several
     samples the number of answers it had read."""
@@ -47,6 +63,13 @@ def decision_of(ex: Exchange) -> StopInfo | None:
     if ex.member:
         return ex.enforced
     return ex.probes.stop if ex.probes else None
+
+
+def probes_of(ex: Exchange) -> list[tuple[int, ProbeResult]]:
+    """(choice, probe): a request's own probes, or the check probes of its samples (by start order)."""
+    if ex.program is not None:
+        return ex.program.checks
+    return [(0, p) for p in ex.probes.results] if ex.probes else []
 
 
 async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> Record:
@@ -60,8 +83,7 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
         tokens = sum(c.tokens for c in choices.values())
     if tokens:
         app.metrics.main_tokens += tokens
-    # (choice, probe): a request's own probes, or the check probes of its samples (by start order)
-    probes = ex.program.checks if ex.program else [(0, p) for p in ex.probes.results] if ex.probes else []
+    probes = probes_of(ex)
     stop = decision_of(ex)
     if stop is not None and ex.enforced is None:
         app.metrics.shadow_stops += 1
@@ -70,7 +92,7 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
     request: dict[str, Any] = {
         "id": ex.request_id,
         "created_at": now,
-        "model": (outcome.model if outcome and outcome.model else None) or body.get("model"),
+        "model": (outcome.model if outcome and outcome.model else None) or _text(body.get("model")),
         "kind": ex.kind,
         "upstream": app.upstream.base_url,
         "mode": ex.mode,

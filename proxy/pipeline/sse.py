@@ -26,6 +26,28 @@ class SseReader:
         return out
 
 
+DONE_TAIL = b"\n\ndata: [DONE]"
+
+
+def payload_array(raw: bytes) -> bytes | None:
+    """The payloads of a whole stream as the text of one JSON array (`[DONE]` left out).
+
+    Valid JSON exactly when every event is one `data: ` line, as vLLM and SGLang send them:
+    any other line (a comment, `event:`, `id:`, a second data line, CRLF framing) leaves
+    text that is not JSON, so the caller's parse fails and it reads event by event. A few
+    C-speed byte operations instead of a split per event; None when it cannot be plain.
+    """
+    if not raw.startswith(b"data: "):
+        return None
+    body = raw[6:].rstrip(b"\n")
+    if body.endswith(DONE_TAIL):
+        body = body[:-len(DONE_TAIL)]
+    elif body == b"[DONE]":
+        return b"[]"
+    # JSON strings hold no raw newline, so every separator found is a real one.
+    return b"".join((b"[", body.replace(b"\n\ndata: ", b","), b"]"))
+
+
 def error_frame(message: str, type_: str = "upstream_error", code: int = 502) -> bytes:
     """An OpenAI-style error event followed by the end marker (for errors mid-stream)."""
     body = json.dumps({"error": {"message": message, "type": type_, "code": code}})

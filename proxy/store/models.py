@@ -190,3 +190,16 @@ class RolloutAuditRow(Base):
     new: Mapped[str | None] = mapped_column(Text)
     reason: Mapped[str] = mapped_column(Text)
     who: Mapped[str] = mapped_column(String(200))
+
+
+class SecretRow(Base):
+    """A secret every proxy on this store shares and no client sees (the rollout salt).
+
+    Made once, by the first proxy that needs it (`proxy.store.secrets`), never changed.
+    """
+
+    __tablename__ = "secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(128))  # hex
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

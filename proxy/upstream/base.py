@@ -43,6 +43,12 @@ class UpstreamError(Exception):
     def status(self) -> int:
         return 504 if self.kind == "timeout" else 502
 
+    @property
+    def error_type(self) -> str:
+        """The `type` of the OpenAI-shaped error the client gets."""
+        return {"timeout": "upstream_timeout", "connect": "upstream_unavailable"}.get(self.kind,
+                                                                                     "upstream_error")
+
 
 class UpstreamResponse(Protocol):
     status: int

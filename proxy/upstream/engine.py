@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import aclosing
 from copy import copy
 from dataclasses import dataclass, field
@@ -42,6 +42,7 @@ from proxy.upstream.asgi import AsgiUpstream
 from proxy.upstream.base import JOB_HEADER, PROGRAM_HEADER, Headers
 
 if TYPE_CHECKING:
+    from prometheus_client.core import Metric
     from vllm import SamplingParams
     from vllm.outputs import RequestOutput
 
@@ -234,11 +235,16 @@ class InProcessEngine:
                 "unfinished": self.engine.get_num_unfinished_requests(),
                 "dead": self.engine.errored}
 
-    def metrics_text(self) -> str:
-        """vLLM's own Prometheus metrics (`vllm:` names), as its server's /metrics shows them."""
-        from prometheus_client import REGISTRY, generate_latest
+    def metrics(self) -> Iterator[Metric]:
+        """vLLM's own Prometheus metrics (`vllm:` names), as its server's /metrics shows them.
 
-        return generate_latest(REGISTRY).decode()
+        vLLM registers them in prometheus-client's default registry; the process collectors
+        there are the proxy's own registry's already."""
+        from prometheus_client import REGISTRY
+
+        for family in REGISTRY.collect():
+            if family.name.startswith("vllm"):
+                yield family
 
     def shutdown(self) -> None:
         """Stop the engine core and its workers (child processes); waits for them."""

@@ -21,7 +21,7 @@ from dynasorctl.bench.fake_upstream import STREAM_TOKENS, FakeUpstream
 from dynasorctl.bench.processes import Server, free_port
 from dynasorctl.commands import bench as bench_command
 from dynasorctl.errors import UserError
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, exposition, registry
 from proxy.pipeline.sse import SseReader
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "What is 6 * 7?"}]}
@@ -100,15 +100,15 @@ def _python(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-@pytest.fixture
-def servers(tmp_path: Path):
-    """The fake upstream and the floor proxy in front of it, as real processes."""
+@pytest.fixture(params=["aiohttp", "dynasor"])
+def servers(tmp_path: Path, request):
+    """The fake upstream and the floor proxy (on either client) in front of it, as real processes."""
     up_port, floor_port = free_port(), free_port()
     up = Server("fake upstream", _python("dynasorctl.bench.fake_upstream", "--port", str(up_port)),
                 up_port, None, tmp_path / "up.log")
     floor = Server("floor", _python("dynasorctl.bench.floor_proxy", "--upstream", up.url,
-                                    "--port", str(floor_port)), floor_port, None,
-                   tmp_path / "floor.log")
+                                    "--port", str(floor_port), "--client", request.param),
+                   floor_port, None, tmp_path / "floor.log")
     try:
         yield up.start(), floor.start("/stats")
     finally:
@@ -145,8 +145,8 @@ def test_the_python_load_generator_drives_the_fake_upstream(servers):
     assert 0 < result.p50_ms <= result.p99_ms
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 def test_wrk_posts_the_body_and_reports_through_the_lua_script(servers, tmp_path):
+    assert shutil.which("wrk"), "wrk is not installed: `make test` installs it (scripts/bench-deps.sh)"
     up, _ = servers
     result = load.run_wrk(up.url + "/v1/chat/completions", proxy_bench.request_body(False), 2, 1,
                           None, tmp_path)
@@ -167,15 +167,16 @@ def test_dynasor_counters_are_read_from_its_metrics():
     metrics = Metrics()
     metrics.probes.update({"ok": 3, "cancelled": 2})
     metrics.records_written = 7
-    counters = proxy_bench.parse_counters(metrics.render())
+    counters = proxy_bench.parse_counters(exposition(registry(metrics))[0].decode())
     assert counters == {"probes_ok": 3, "probes_cancelled": 2, "records_written": 7,
                         "records_dropped": 0}
 
 
 def _bench() -> proxy_bench.Bench:
-    bench = proxy_bench.Bench(5, 1, "wrk test", 1, 0, ["direct", "dynasor", "dynasor-probing"])
+    bench = proxy_bench.Bench(5, 1, "wrk test", 1, 0, ["direct", "floor", "dynasor", "dynasor-probing"])
     rows = {  # setup: (p50, p99, capacity rps, stream rps, cpu s of the streaming run)
         "direct": (0.1, 0.3, 8000, 1000, 4.0),
+        "floor": (0.4, 1.0, 2500, 720, 4.5),
         "dynasor": (0.5, 1.3, 2000, 900, 5.4),
         "dynasor-probing": (0.7, 2.0, 1900, 500, 5.0),
     }
@@ -198,6 +199,7 @@ def test_figures_are_relative_to_direct():
     assert dyn.added_p50_ms == pytest.approx(0.4)
     assert dyn.added_p99_ms == pytest.approx(1.0)
     assert dyn.stream_share == pytest.approx(0.9)
+    assert dyn.floor_share == pytest.approx(1.25) and figs["floor"].floor_share == 1.0
     assert dyn.cpu_ms_per_stream == pytest.approx(1.2)
     assert dyn.capacity_load_bound and not dyn.stream_load_bound
     assert figs["dynasor-probing"].probe_requests == 40
@@ -206,7 +208,8 @@ def test_figures_are_relative_to_direct():
 def test_targets_say_met_and_missed():
     figs = proxy_bench.figures(_bench())
     met = {t.key: t.met for t in proxy_bench.targets(figs)}
-    assert met == {"added_p50_ms": True, "stream_share": True, "cpu_ms_per_stream": False}
+    assert met == {"added_p50_ms": True, "stream_share": True, "floor_share": True,
+                   "cpu_ms_per_stream": False}
     none = proxy_bench.targets({})
     assert all(t.met is None and t.measured is None for t in none)
 
@@ -220,8 +223,23 @@ def test_report_renders_and_serialises():
     data = json.loads(json.dumps(report.to_json(bench)))
     assert data["setups"]["dynasor"]["figures"]["stream_share"] == pytest.approx(0.9)
     assert data["setups"]["dynasor-probing"]["cells"]["streaming"]["upstream"]["probes"] == 40
-    assert [t["key"] for t in data["targets"]] == ["added_p50_ms", "stream_share",
+    assert [t["key"] for t in data["targets"]] == ["added_p50_ms", "stream_share", "floor_share",
                                                    "cpu_ms_per_stream"]
+
+
+def test_repeated_runs_report_median_and_spread():
+    runs = [_bench(), _bench(), _bench()]
+    for run, rps in zip(runs, (600, 900, 700)):  # dynasor's streaming throughput moves
+        cell = run.cell("dynasor", "streaming")
+        cell.load = load.LoadResult(rps * 5, 0, 5.0, 9.0, 20.0)
+    console = Console(record=True, width=160)
+    console.print(report.spread(runs))
+    text = console.export_text()
+    assert "Over 3 runs" in text
+    assert "70% [60% - 90%]" in text  # share of direct: median, lowest, highest
+    console = Console(record=True, width=160)
+    console.print(report.spread(runs[:2]))  # an even count: the middle two's mean
+    assert "75% [60% - 90%]" in console.export_text()
 
 
 def test_the_command_rejects_an_unknown_setup():

@@ -137,8 +137,9 @@ def keyed_by_prompt(rows: list[dict]) -> list[dict]:
     return out
 
 
-def new_store(path: Path, records: list[Record]) -> str:
-    url = f"sqlite:///{path}"
+def new_store(path: Path | str, records: list[Record]) -> str:
+    """A store at `path` (a SQLite file) or URL holding `records`; its URL."""
+    url = path if isinstance(path, str) else f"sqlite:///{path}"
     write_records(db.open_store(url), records)
     return url
 
@@ -182,9 +183,9 @@ def labelled(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> dict:
     return {"url": url, "runs": runs}
 
 
-def test_store_runs_are_the_trace_runs() -> None:
+def test_store_runs_are_the_trace_runs(store_url: str) -> None:
     traces = read_records(PACKAGED_SAMPLE)
-    engine = db.open_store("sqlite://")
+    engine = db.open_store(store_url)
     write_records(engine, cot_records(traces))
     found = load_runs(engine)
     expected = [run_from_trace(t) for t in load(PACKAGED_SAMPLE)]
@@ -206,7 +207,10 @@ def test_calibrate_db_decides_as_calibrate_traces(labelled: dict) -> None:
     assert "recommended:" in db_out and "note:" not in db_out
     assert comparable(db_out) == comparable(traces_out)  # every candidate's figures
     a, b = parse_policy_file(traces_policy), parse_policy_file(db_policy)
-    assert a.cot == b.cot and a.kind == b.kind == "cot" and a.model == b.model == "*"
+    # The trace files record how their probes were taken; the store's probes were the proxy's.
+    assert a.cot is not None and a.cot.probe is not None and b.cot is not None
+    assert a.cot.model_copy(update={"probe": None}) == b.cot
+    assert a.kind == b.kind == "cot" and a.model == b.model == "*"
     skip = {"created", "source"}
     assert {k: v for k, v in a.provenance.items() if k not in skip} == {
         k: v for k, v in b.provenance.items() if k not in skip}
@@ -257,9 +261,9 @@ def test_without_text_learned_rules_decide_on_probes_alone(tmp_path: Path, cache
         assert all(w == 0.0 for f, w in zip(rule.features, rule.weights) if f in TEXT_FEATURES)
 
 
-def test_self_consistency_from_the_store(tmp_path: Path, cache: Path) -> None:
+def test_self_consistency_from_the_store(tmp_path: Path, cache: Path, store_url: str) -> None:
     programs = read_records(SC_SAMPLE)
-    url = new_store(tmp_path / "s.db", sc_records(programs))
+    url = new_store(store_url, sc_records(programs))
     hashes = [prompt_hash("chat", body(p["problem"], p["model"])) for p in programs]
     found = load_programs(db.open_store(url))
     assert [p.program_id for p in found] == sorted(p["program_id"] for p in programs)
@@ -283,6 +287,7 @@ def test_self_consistency_from_the_store(tmp_path: Path, cache: Path) -> None:
 
 def test_empty_store(tmp_path: Path, cache: Path) -> None:
     url = f"sqlite:///{tmp_path}/empty.db"
+    db.open_store(url)  # a store with nothing recorded yet (one that does not exist is no store)
     message = user_error(["calibrate", "--db", url], cache)
     need = targets.problems_needed(Target(None, 0.005), 0.05)  # no labels: answers changed
     assert message.startswith(f"the store has 0 probed requests of 0 problems (distinct "
@@ -291,6 +296,7 @@ def test_empty_store(tmp_path: Path, cache: Path) -> None:
     assert f"record more traffic into {url}," in message and "--traces FILE" in message
     # Without --traces the default store is read (here under the test's XDG_DATA_HOME).
     default = f"sqlite:///{tmp_path}/xdg/dynasor/dynasor.db"
+    db.open_store(default)
     assert user_error(["calibrate"], cache) == message.replace(url, default)
     assert "0 self-consistency programs" in user_error(["calibrate", "--kind", "sc", "--db", url],
                                                        cache)
@@ -331,3 +337,24 @@ def test_needed_problems_follow_the_target() -> None:
     # The signed accuracy drop is bounded by betting, which needs more problems than that.
     assert targets.problems_needed(Target(0.005, None), 0.05) > targets.problems_needed(
         Target(None, None, 0.005), 0.05)
+
+
+def test_calibrate_parquet_decides_as_calibrate_db(labelled: dict, tmp_path: Path,
+                                                   cache: Path) -> None:
+    """The store exported to Parquet and calibrated from there, without the store: the same
+    figures and policy; with --db as well, the policy is kept in that store."""
+    from dynasorctl.export import export
+
+    export(db.open_store(labelled["url"]), tmp_path / "export")
+    policy = tmp_path / "parquet.toml"
+    code, out, exc = invoke(["calibrate", "--parquet", str(tmp_path / "export"),
+                             "--max-accuracy-drop", "60", "--out", str(policy)], cache)
+    assert exc is None and code == 0, out
+    db_out, db_policy = labelled["runs"]["db"]
+    assert comparable(out) == comparable(db_out)
+    assert parse_policy_file(policy.read_text()).cot == parse_policy_file(db_policy).cot
+    assert "policy stored" not in out  # no store named: the policy went to --out only
+    assert "32 probed requests, 32 labelled" in parse_policy_file(
+        policy.read_text()).provenance["source"]
+    assert "needs at least" in user_error(["calibrate", "--parquet", str(tmp_path / "export"),
+                                           "--max-accuracy-drop", "0.5"], cache)

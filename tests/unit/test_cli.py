@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 
@@ -28,7 +29,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     [
         (["observe", "--upstream", "ftp://x"], "invalid setting upstream_url"),
         (["observe", "--probe-rate", "2"], "invalid setting probe_rate"),
-        (["requests", "show", "nope"], "no recorded request"),
+        (["requests", "show", "nope"], "no store at"),
         (["requests", "list", "--db", "::nope::"], "not a database URL"),
         (["observe", "--config", "/no/such.toml"], "cannot read config"),
     ],
@@ -83,8 +84,8 @@ def test_requests_list_and_show(tmp_path):
 
 def test_db_upgrade_and_current(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
-    before = runner.invoke(app, ["db", "current", "--db", url])
-    assert "empty store" in before.stdout
+    before = run("db", "current", "--db", url)
+    assert before.returncode == 2 and "no store at" in before.stderr
     assert runner.invoke(app, ["db", "upgrade", "--db", url]).exit_code == 0
     after = runner.invoke(app, ["db", "current", "--db", url])
     assert "up to date" in after.stdout
@@ -94,3 +95,58 @@ def test_every_command_has_help():
     for args in (["--help"], ["observe", "--help"], ["requests", "--help"], ["db", "--help"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, args
+
+
+READ_ONLY = [["requests", "list"], ["requests", "show", "ab"], ["db", "current"], ["rollout", "status"],
+             ["rollout", "history"], ["labels", "list"], ["calibrate"]]
+
+
+@pytest.mark.parametrize("args", READ_ONLY, ids=[" ".join(a) for a in READ_ONLY])
+def test_reading_a_store_that_is_not_there_says_so_and_creates_nothing(tmp_path, args):
+    path = tmp_path / "nowhere" / "dynasor.db"
+    result = run(*args, "--db", f"sqlite:///{path}")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: no store at {path}") and result.stderr.count("\n") == 1
+    assert not path.exists() and not path.parent.exists()
+
+
+def test_a_database_without_our_tables_is_no_store(tmp_path):
+    path = tmp_path / "other.db"
+    sqlite3.connect(path).execute("CREATE TABLE t (x)").connection.commit()
+    result = run("requests", "list", "--db", f"sqlite:///{path}")
+    assert result.returncode == 2 and "holds no dynasor tables" in result.stderr
+
+
+def test_error_messages_are_shown_as_typed_not_as_markup(tmp_path):
+    """`[/x]` once crashed the error printer, and text in brackets vanished."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    open_store(url)
+    result = run("rollout", "set", "--scope", "model:[/x]", "--mode", "enforce", "--reason", "r",
+                 "--db", url)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: scope 'model:[/x]': enforce needs a policy")
+    bold = run("requests", "show", "[bold]x[/bold]", "--db", url)
+    assert "no recorded request with id '[bold]x[/bold]'" in bold.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [({"DYNASOR_GUARDRAILS": "notjson"}, ("error: invalid setting guardrails (from DYNASOR_GUARDRAILS): "
+                                          "not valid JSON (Expecting value: line 1 column 1 (char 0))")),
+     ({"DYNASOR_PORT": "abc"}, "error: invalid setting port (from DYNASOR_PORT): Input should be a valid integer"),
+     ({"DYNASOR_GUARDRAILS": '{"window": "x"}'}, "error: invalid setting guardrails.window (from DYNASOR_GUARDRAILS)")],
+)
+def test_a_bad_environment_setting_is_one_line(monkeypatch, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = run("observe")
+    assert result.returncode == 2 and result.stderr.startswith(message)
+    assert result.stderr.count("\n") == 1
+
+
+def test_a_bad_toml_file_is_one_line(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("port = \n")
+    result = run("observe", "--config", str(config))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {config} is not valid TOML: Invalid value (at line 1")

@@ -520,3 +520,52 @@ def test_dashboard_bench_times_every_query_on_a_seeded_store(tmp_path):
     assert all(t.median_ms >= 0 for t in timings)
     with pytest.raises(FileExistsError):
         dashboard_bench.run(tmp_path / "bench.db", n=10, say=lambda line: None)
+
+
+async def test_a_read_that_comes_back_while_the_dashboard_closes_is_dropped(source):
+    """The dashboard closing while a timeline was still being read: the answer came back to a
+    screen whose widgets were going (`NoMatches: '#timeline-text'`), and the worker's error
+    ended the app with it. Under load the live test closed its dashboard just so."""
+    release, returned = threading.Event(), threading.Event()
+    original = source.timeline
+
+    def slow(request_id):
+        release.wait(30)
+        try:
+            return original(request_id)
+        finally:
+            returned.set()
+
+    app = _app(source)
+    close_all = app._close_all
+
+    async def closing() -> None:  # the read comes back just as the widgets are gone
+        await close_all()
+        release.set()
+        await asyncio.to_thread(returned.wait, 30)
+        await asyncio.sleep(0.2)  # its answer reaches the UI loop
+
+    app._close_all = closing  # type: ignore[method-assign]
+    async with app.run_test() as pilot:
+        await _settle(pilot)
+        source.timeline = slow  # type: ignore[method-assign]
+        app._load_timeline("r01")
+        await pilot.pause()
+    assert app.return_code in (0, None)  # leaving run_test closed it: no error re-raised either
+
+
+def test_savings_replay_can_read_a_parquet_export_instead_of_the_store(engine, tmp_path):
+    from sqlalchemy import delete
+
+    from dynasorctl.export import export
+    from proxy.store.models import RequestRow
+
+    before = StoreSource(engine, clock=lambda: NOW).savings(1).active.projected
+    export(engine, tmp_path / "export")
+    with engine.begin() as conn:  # the live store pruned: the export still has the runs
+        conn.execute(delete(RequestRow))
+    from_parquet = StoreSource(engine, clock=lambda: NOW, parquet=tmp_path / "export")
+    assert from_parquet.savings(1).active.projected == before and before.runs == 11
+    assert StoreSource(engine, clock=lambda: NOW).savings(1).active.projected is None
+    with pytest.raises(SourceError, match="holds no Parquet export"):
+        StoreSource(engine, parquet=tmp_path / "none").savings(1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 
 import pytest
@@ -125,13 +127,32 @@ async def test_opt_in_only_where_the_operator_allows_it(policy_file):
         assert sink.records[0].request["mode"] == mode
 
 
+SALT = b"server-side secret"
+
+
 def test_rollout_share_is_about_the_percentage_and_sticky():
     keys = [f"program-{i}" for i in range(20_000)]
-    chosen = [k for k in keys if in_rollout(k, 10)]
+    chosen = [k for k in keys if in_rollout(k, 10, SALT)]
     assert 0.09 < len(chosen) / len(keys) < 0.11
-    assert chosen == [k for k in keys if in_rollout(k, 10)]  # the same programs every time
-    assert set(chosen) <= {k for k in keys if in_rollout(k, 20)}  # widening keeps them in
-    assert not any(in_rollout(k, 0) for k in keys[:100]) and all(in_rollout(k, 100) for k in keys[:100])
+    assert chosen == [k for k in keys if in_rollout(k, 10, SALT)]  # the same programs every time
+    assert set(chosen) <= {k for k in keys if in_rollout(k, 20, SALT)}  # widening keeps them in
+    assert not any(in_rollout(k, 0, SALT) for k in keys[:100])
+    assert all(in_rollout(k, 100, SALT) for k in keys[:100])
+
+
+def test_a_client_cannot_compute_its_group_from_the_program_name():
+    """The split once hashed only the client's X-Dynasor-Program: anyone could pick a name that
+    lands in enforce (or avoids it). Keyed with the server's secret, what the client can compute
+    (the bare hash, or the hash under another secret) says nothing about its group."""
+    keys = [f"program-{i}" for i in range(4_000)]
+
+    def bare(key: str) -> bool:
+        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64 * 100 < 50
+
+    server = [in_rollout(k, 50, SALT) for k in keys]
+    for guess in ([bare(k) for k in keys], [in_rollout(k, 50, b"a guess") for k in keys]):
+        agree = sum(a == b for a, b in zip(server, guess, strict=True)) / len(keys)
+        assert 0.45 < agree < 0.55  # a coin toss
 
 
 @pytest.mark.parametrize(
@@ -142,10 +163,39 @@ def test_rollout_share_is_about_the_percentage_and_sticky():
      ("enforce", 0, "enforce", False, "shadow"), ("shadow", 100, "enforce", True, "shadow")],
 )
 def test_choose(mode, percent, opt, allow, expected):
-    assert choose(mode, percent, "k", opt, allow) == expected
+    assert choose(mode, percent, "k", opt, allow, SALT) == expected
 
 
 def test_answer_text_closes_only_an_open_think_block():
     template = "**Final Answer**\n\\boxed{{{answer}}}"
     assert answer_text("3", template, "<think>\nhm") == "\n</think>\n\n**Final Answer**\n\\boxed{3}"
     assert answer_text("3", template, "<think>a</think> b") == "\n\n**Final Answer**\n\\boxed{3}"
+
+
+async def test_proxies_on_one_store_share_the_rollout_secret_and_keep_it(tmp_path):
+    """Every proxy on a store must put a program in the same group, across restarts too; the
+    secret is the store's, made by the first proxy and never shown to a client."""
+    from proxy.control.plan import Control
+    from proxy.metrics import Metrics
+    from proxy.settings import Settings
+    from proxy.store.db import open_store
+
+    url = f"sqlite:///{tmp_path}/shared.db"
+    keys = [f"p{i}" for i in range(200)]
+
+    async def groups() -> list[str]:
+        control = Control(Settings(mode="enforce", policy_file=str(_policy(tmp_path)), enforce_percent=50),
+                          Metrics())
+        await control.start(open_store(url))
+        await control.stop()
+        return [control.plan("m", None, k, None).mode for k in keys]
+
+    first, second, again = await asyncio.gather(groups(), groups(), groups())
+    assert first == second == again and 50 < first.count("enforce") < 150
+    assert first == await groups()  # a restarted proxy: the same groups
+
+
+def _policy(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY)
+    return path

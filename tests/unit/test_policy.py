@@ -40,7 +40,7 @@ def test_no_probe_yet() -> None:
 
 def test_probes_off_schedule_are_not_used() -> None:
     d = decide_cot(CotPolicy(interval=128), probes("7"))  # only position 64
-    assert not d.stop and d.reason == "no probe yet"
+    assert not d.stop and d.reason == "probe not taken"
 
 
 def test_before_min_tokens() -> None:

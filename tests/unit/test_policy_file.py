@@ -34,7 +34,7 @@ def test_round_trip_cot_with_rule() -> None:
 def test_round_trip_sc() -> None:
     pf = PolicyFile(kind="sc", model="m", sc=ScPolicy(threshold=0.7, check_tokens=512))
     text = dump_policy_file(pf)
-    assert "# stop adding samples once certaindex >= threshold" in text
+    assert "# stop adding samples once the rule's measure >= threshold" in text
     assert parse_policy_file(text) == pf
 
 
@@ -46,7 +46,15 @@ def test_defaults_fill_absent_fields() -> None:
 @pytest.mark.parametrize(("text", "message"), [
     ("version = ", "not valid TOML"),
     ('kind = "cot"\n[cot]\n', "version None is not supported"),
-    ('version = 2\nkind = "cot"\n[cot]\n', "version 2 is not supported"),
+    ('version = 3\nkind = "cot"\n[cot]\n', "version 3 is not supported"),
+    ('version = 1\nkind = "cot"\n[cot]\nthink_end = true\n', "set version = 2"),
+    ('version = 2\nkind = "cot"\n[cot]\nperiodic = false\n', "could never stop"),
+    ('version = 2\nkind = "cot"\n[cot.transition]\nmin_confidence = 1.5\n',
+     "cot.transition.min_confidence"),
+    ('version = 2\nkind = "cot"\n[cot.transition]\nagree = 2\n', "go together"),
+    (('version = 2\nkind = "cot"\n[cot.transition]\nmin_confidence = 0.9\n'
+      '[cot.transition.probe]\nlogprobs = false\n'), "needs probe.logprobs"),
+    ('version = 2\nkind = "sc"\n[sc]\nrule = "dirichlet"\n', "sc.rule"),
     ('version = 1\nkind = "cot"\n[cot]\nwindow = 0\n', "cot.window"),
     ('version = 1\nkind = "cot"\n[cot]\nwindwo = 3\n', "cot.windwo"),
     ('version = 1\nkind = "cot"\n[sc]\n', 'kind = "cot" needs a [cot] table'),

@@ -271,6 +271,8 @@ async def test_probe_max_tokens_cuts_its_answer(cot: list[CotTrace]) -> None:
         ("/v1/chat/completions", {"model": "m"}, 400, "BadRequestError"),
         ("/v1/completions", {"model": "m"}, 400, "BadRequestError"),
         ("/v1/completions", {"prompt": "x", "n": 0}, 400, "BadRequestError"),
+        ("/v1/completions", {"prompt": "x", "n": 10**30}, 400, "BadRequestError"),  # it grew to 22 GB
+        ("/v1/chat/completions", ask("What is 2 + 2?", n=129), 400, "BadRequestError"),
         ("/v2/nowhere", {}, 404, "NotFoundError"),
     ],
 )
@@ -286,6 +288,8 @@ async def test_errors_are_openai_shaped(cot: list[CotTrace], path: str, body: An
     assert error["type"] == kind and error["code"] == status and error["message"]
     if status == 404 and path != "/v2/nowhere":
         assert "no recorded trace matches this prompt" in error["message"]
+    if isinstance(body, dict) and "n" in body:
+        assert error["message"].startswith("n: ")  # the field named
 
 
 async def test_models_and_health(cot: list[CotTrace], sc: list[ScProgram]) -> None:

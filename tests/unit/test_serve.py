@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from dynasorctl.calibration.store_source import save_policy
 from proxy.control import rollout
@@ -44,8 +46,8 @@ class FakeEngine:
     def status(self) -> dict[str, Any]:
         return {"running": self.admission.running, "dead": False}
 
-    def metrics_text(self) -> str:
-        return "vllm:num_requests_running 0.0\n"
+    def metrics(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("vllm:num_requests_running", "Requests in the engine.", value=0)
 
 
 class Recording(Fcfs):
