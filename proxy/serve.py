@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
@@ -28,9 +29,21 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from proxy.control.rollout import NEEDS_POLICY, RolloutState
 from proxy.pipeline.app import ProxyApp
+from proxy.pipeline.exchange import (
+    JSON_HEADERS,
+    BodyTimeout,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    respond,
+)
+from proxy.pipeline.sse import error_body
 from proxy.scheduler.admission import Admission
 from proxy.scheduler.base import Fcfs, Scheduler
+from proxy.scheduler.program import PROGRAM_FIFO, ProgramScheduler
 from proxy.settings import Settings
+from proxy.steps import StepError, StepReport, parse_step, program_of
 from proxy.store.recorder import Record
 from proxy.upstream.base import Upstream
 
@@ -38,9 +51,18 @@ log = logging.getLogger(__name__)
 
 SchedulerFactory = Callable[[], Scheduler]
 
-# The schedulers `dynasorctl serve --scheduler NAME` knows by name; any other NAME is
-# `module:attribute`, a callable that returns a `proxy.scheduler.base.Scheduler`.
-SCHEDULERS: dict[str, SchedulerFactory] = {"fcfs": Fcfs}
+
+
+def program_fifo() -> ProgramScheduler:
+    return ProgramScheduler(PROGRAM_FIFO)
+
+
+# The schedulers `dynasorctl serve --scheduler NAME` knows by name (the first is the
+# default); any other NAME is `module:attribute`, a callable that returns a
+# `proxy.scheduler.base.Scheduler`.
+SCHEDULERS: dict[str, SchedulerFactory] = {"dynasor": ProgramScheduler, "fcfs": Fcfs,
+                                           "program-fifo": program_fifo}
+DEFAULT_SCHEDULER = next(iter(SCHEDULERS))
 
 
 class SchedulerNameError(ValueError):
@@ -64,9 +86,12 @@ def load_scheduler(name: str) -> SchedulerFactory:
 
 
 def scheduler_name(scheduler: Scheduler) -> str:
-    known = {factory: name for name, factory in SCHEDULERS.items()}
     kind = type(scheduler)
-    return known.get(kind, f"{kind.__module__}:{kind.__qualname__}")
+    if kind is ProgramScheduler:
+        return "program-fifo" if scheduler.config == PROGRAM_FIFO else "dynasor"  # type: ignore[attr-defined]
+    if kind is Fcfs:
+        return "fcfs"
+    return f"{kind.__module__}:{kind.__qualname__}"
 
 
 def scheduling_allowed(state: RolloutState | None) -> bool:
@@ -129,6 +154,30 @@ class ServeApp(ProxyApp):
             await asyncio.sleep(self.settings.rollout_poll_s)
             self.follow_rollout()
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        program = program_of(_raw_path(scope)) if scope["type"] == "http" else None
+        if program is None or scope["method"] != "POST":
+            await super().__call__(scope, receive, send)
+            return
+        try:
+            raw = await read_body(receive, self.settings.request_body_timeout_s)
+            report = parse_step(program, raw)
+        except (StepError, BodyTimeout) as exc:
+            await respond(send, 400, error_body(str(exc), "invalid_request_error", 400,
+                                                getattr(exc, "param", None)), JSON_HEADERS)
+            return
+        self.report_step(report)
+        answer = {"object": "program.step", "program": report.program_id, "rewards": len(report.rewards),
+                  "done": report.done}
+        await respond(send, 200, json.dumps(answer).encode(), JSON_HEADERS)
+
+    def report_step(self, report: StepReport) -> None:
+        """A multi-step program's step reaches the scheduler (`proxy.steps`)."""
+        admission = self.engine.admission
+        admission.step_done(report.program_id, report.rewards)
+        if report.done:
+            admission.program_done(report.program_id)
+
     def health(self) -> dict[str, Any]:
         out = super().health()
         admission = self.engine.admission
@@ -139,6 +188,12 @@ class ServeApp(ProxyApp):
         if engine.get("dead"):
             out["status"] = "degraded"
         return out
+
+
+def _raw_path(scope: Scope) -> str:
+    """The path as sent, still percent-encoded (a program id may hold a `/`: `%2F`)."""
+    raw = scope.get("raw_path")
+    return raw.decode("latin-1").partition("?")[0] if raw else scope["path"]
 
 
 class _ServeCollector:

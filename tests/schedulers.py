@@ -23,4 +23,7 @@ class Lifo(Fcfs):
 
     def admit(self, now: float, running: int, capacity: int) -> list[str]:
         free = max(0, capacity - running)
-        return [self._queue.pop() for _ in range(min(free, len(self._queue)))]
+        out = list(reversed(self._queue))[:free]
+        for request_id in out:
+            del self._queue[request_id]
+        return out

@@ -77,7 +77,7 @@ class _Signals:
 
 
 async def _run(settings: Any, engine_args: Any, scheduler: Any, capacity: int | None) -> None:
-    from proxy.serve import ServeApp
+    from proxy.serve import ServeApp, scheduler_name
     from proxy.upstream.vllm import start_engine
 
     signals = _Signals()
@@ -91,7 +91,7 @@ async def _run(settings: Any, engine_args: Any, scheduler: Any, capacity: int | 
         app = ServeApp(settings, engine, scheduler)
         announce = announcer(settings.log_format)
         announce(f"dynasor serving {engine.model_name} on http://{settings.host}:{settings.port} "
-                 f"({settings.mode}; scheduler {type(engine.admission.scheduler).__name__}, "
+                 f"({settings.mode}; scheduler {scheduler_name(engine.admission.scheduler)}, "
                  f"capacity {engine.admission.capacity})")
         signals.serving = True
         await serving(app, settings.host, settings.port, admin_app(app, settings, announce), settings.admin_port,
@@ -127,7 +127,9 @@ def serve(
     policy: PolicyOption = None,
     enforce_percent: EnforcePercentOption = None,
     scheduler: Annotated[str, typer.Option(
-        help="Who orders the engine's work: fcfs, or module:attribute (a Scheduler factory).")] = "fcfs",
+        help="Who orders the engine's work: dynasor (programs: gang, approximate shortest job first, "
+        "starvation guard, probes first), program-fifo (gang, in arrival order), fcfs (the engine's "
+        "own order), or module:attribute (a Scheduler factory).")] = "dynasor",
     capacity: Annotated[int | None, typer.Option(
         min=1, help="Most requests in the engine at once [default: the engine's max_num_seqs].")] = None,
 ) -> None:

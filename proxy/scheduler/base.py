@@ -14,7 +14,7 @@ order, and reports back what happened to them.
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -81,23 +81,22 @@ class Fcfs:
     """First come, first served: the engine's own order, and the kill switch's fallback."""
 
     def __init__(self) -> None:
-        self._queue: deque[str] = deque()
+        self._queue: dict[str, None] = {}  # request ids in arrival order (an ordered set)
 
     def submit(self, job: Job, now: float) -> None:
-        self._queue.append(job.request_id)
+        self._queue.setdefault(job.request_id)
 
     def admit(self, now: float, running: int, capacity: int) -> list[str]:
-        free = max(0, capacity - running)
-        return [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
+        out = list(itertools.islice(self._queue, max(0, capacity - running)))
+        for request_id in out:
+            del self._queue[request_id]
+        return out
 
     def progress(self, request_id: str, tokens: int, now: float) -> None:
         pass
 
     def finished(self, request_id: str, now: float) -> None:
-        try:
-            self._queue.remove(request_id)  # ended before it was admitted (a client left)
-        except ValueError:
-            pass
+        self._queue.pop(request_id, None)  # ended before it was admitted (a client left)
 
     def signal(self, program_id: str, certaindex: float, now: float) -> None:
         pass

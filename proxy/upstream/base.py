@@ -26,6 +26,9 @@ HOP_BY_HOP = frozenset(
 # kind of job it is (`proxy.scheduler.base.JobKind`: cot, sample, probe, ...).
 PROGRAM_HEADER = b"x-dynasor-program"
 JOB_HEADER = b"x-dynasor-job"
+# The client's own label of its program's type (mcts, rebase, or any): the scheduler learns
+# tokens per request and requests per program per type, and aggregates step rewards by it.
+PROGRAM_TYPE_HEADER = b"x-dynasor-program-type"
 
 # On the way up the HTTP client sets these itself, for the upstream's address and
 # the body it sends.

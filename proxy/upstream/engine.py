@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, get_args
 from proxy.scheduler.admission import Admission
 from proxy.scheduler.base import Job, JobKind
 from proxy.upstream.asgi import AsgiUpstream
-from proxy.upstream.base import JOB_HEADER, PROGRAM_HEADER, Headers
+from proxy.upstream.base import JOB_HEADER, PROGRAM_HEADER, PROGRAM_TYPE_HEADER, Headers
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     from vllm.outputs import RequestOutput
 
 KINDS: frozenset[str] = frozenset(get_args(JobKind))
+TAGS = (PROGRAM_HEADER, JOB_HEADER, PROGRAM_TYPE_HEADER)
+MAX_TYPE = 64  # characters of a client's program type kept (the scheduler keeps a model per type)
 
 
 # --- what the pipeline says about a request -------------------------------------------------
@@ -56,15 +58,18 @@ KINDS: frozenset[str] = frozenset(get_args(JobKind))
 class JobTag:
     program: str | None = None  # None: the request is a program of its own
     kind: JobKind | None = None  # None: "cot" for one sample, "sample" for each of n > 1
+    program_type: str | None = None  # None: what its kind says (`proxy.scheduler.base.DEFAULT_TYPES`)
 
 
 _TAG: contextvars.ContextVar[JobTag] = contextvars.ContextVar("dynasor_job", default=JobTag())  # noqa: B039 (frozen)
 
 
 def job_tag(headers: Headers) -> JobTag:
-    found = {k.lower(): v.decode("latin-1") for k, v in headers if k.lower() in (PROGRAM_HEADER, JOB_HEADER)}
+    found = {k.lower(): v.decode("latin-1") for k, v in headers if k.lower() in TAGS}
     kind = found.get(JOB_HEADER)
-    return JobTag(found.get(PROGRAM_HEADER) or None, kind if kind in KINDS else None)  # type: ignore[arg-type]
+    program_type = found.get(PROGRAM_TYPE_HEADER, "")[:MAX_TYPE] or None
+    return JobTag(found.get(PROGRAM_HEADER) or None, kind if kind in KINDS else None,  # type: ignore[arg-type]
+                  program_type)
 
 
 def job_context(headers: Headers) -> contextvars.Context:
@@ -110,19 +115,20 @@ class ScheduledEngine:
     async def generate(self, prompt: Any, sampling_params: SamplingParams, request_id: str,
                        **kwargs: Any) -> AsyncGenerator[RequestOutput, None]:
         tag = _TAG.get()
-        program = tag.program or request_id
         if sampling_params.n > 1:
-            outputs = self._samples(prompt, sampling_params, request_id, program, kwargs)
+            outputs = self._samples(prompt, sampling_params, request_id, tag, kwargs)
         else:
-            outputs = self._one(prompt, sampling_params, request_id, program, tag.kind or "cot", kwargs)
+            outputs = self._one(prompt, sampling_params, request_id, tag, tag.kind or "cot", kwargs)
         async with aclosing(outputs):
             async for out in outputs:
                 yield out
 
-    async def _one(self, prompt: Any, params: SamplingParams, request_id: str, program: str,
-                   kind: JobKind, kwargs: dict[str, Any]) -> AsyncGenerator[RequestOutput, None]:
+    async def _one(self, prompt: Any, params: SamplingParams, request_id: str, tag: JobTag,
+                   kind: JobKind, kwargs: dict[str, Any], budget: int | None = None,
+                   program: str | None = None) -> AsyncGenerator[RequestOutput, None]:
         """One engine request: wait for its slot, generate, abort it if it ends early."""
-        job = Job(request_id, program, kind, self._clock(), params.max_tokens, _prompt_tokens(prompt))
+        job = Job(request_id, program or tag.program or request_id, kind, self._clock(), params.max_tokens,
+                  _prompt_tokens(prompt), tag.program_type, budget)
         delta = params.output_kind.name == "DELTA"
         async with self.admission.slot(job):
             finished, tokens = False, 0
@@ -138,7 +144,7 @@ class ScheduledEngine:
                 if not finished:  # by id, whatever point it reached; shielded so it happens
                     await asyncio.shield(self._engine.abort(request_id))
 
-    async def _samples(self, prompt: Any, params: SamplingParams, request_id: str, program: str,
+    async def _samples(self, prompt: Any, params: SamplingParams, request_id: str, tag: JobTag,
                        kwargs: dict[str, Any]) -> AsyncGenerator[RequestOutput, None]:
         """The `n` samples of one request, each its own engine request, merged as vLLM merges them:
         streamed outputs as they come (choice index = sample), a final-only request at the end."""
@@ -147,8 +153,9 @@ class ScheduledEngine:
         arrived: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
 
         async def sample(i: int) -> None:
-            outs = self._one(prompt, sample_params(params, i), f"{i}_{request_id}", program, "sample",
-                             kwargs)
+            # One program of n samples (the request's unless it is tagged), n the most it makes.
+            outs = self._one(prompt, sample_params(params, i), f"{i}_{request_id}", tag, "sample",
+                             kwargs, n, tag.program or request_id)
             try:
                 async with aclosing(outs):
                     async for out in outs:

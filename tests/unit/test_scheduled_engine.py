@@ -172,6 +172,18 @@ async def test_jobs_carry_the_program_and_kind_the_pipeline_sent():
     await in_context([(b"x-dynasor-job", b"nonsense")], drain(client.generate("p", Params(), "c")))
     got = [(j.request_id, j.program_id, j.kind, j.max_tokens, j.prompt_tokens) for j in jobs.jobs]
     assert got == [("a", "p1", "probe", 7, 3), ("b", "b", "cot", 4, None), ("c", "c", "cot", 4, None)]
+    assert [(j.type, j.budget) for j in jobs.jobs] == [("probe", None), ("cot", None), ("cot", None)]
+
+
+async def test_jobs_carry_the_clients_program_type_and_n_as_the_programs_budget():
+    jobs = Jobs()
+    client = ScheduledEngine(FakeEngine(), Admission(jobs, capacity=4))
+    typed = [(b"x-dynasor-program", b"tree"), (b"x-dynasor-program-type", b"mcts")]
+    await in_context(typed, drain(client.generate("p", Params(), "a")))
+    await in_context([], drain(client.generate("p", Params(n=2), "b")))
+    await in_context([(b"x-dynasor-program-type", b"x" * 500)], drain(client.generate("p", Params(), "c")))
+    got = [(j.program_id, j.type, j.budget) for j in jobs.jobs]
+    assert got == [("tree", "mcts", None), ("b", "sc", 2), ("b", "sc", 2), ("c", "x" * 64, None)]
 
 
 async def test_n_samples_are_admitted_jobs_of_one_program_merged_as_a_stream():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +18,9 @@ from proxy.control import rollout
 from proxy.control.rollout import RolloutState, ScopeState
 from proxy.scheduler.admission import Admission
 from proxy.scheduler.base import Fcfs, Job
+from proxy.scheduler.program import PROGRAM_FIFO, ProgramScheduler
 from proxy.serve import (
+    DEFAULT_SCHEDULER,
     SchedulerNameError,
     ServeApp,
     load_scheduler,
@@ -57,12 +59,16 @@ class Recording(Fcfs):
         super().__init__()
         self.signals: list[tuple[str, float]] = []
         self.done: list[str] = []
+        self.steps: list[tuple[str, list[float]]] = []
 
     def signal(self, program_id: str, certaindex: float, now: float) -> None:
         self.signals.append((program_id, certaindex))
 
     def program_done(self, program_id: str, now: float) -> None:
         self.done.append(program_id)
+
+    def step_done(self, program_id: str, rewards: Sequence[float], now: float) -> None:
+        self.steps.append((program_id, list(rewards)))
 
 
 def scope(mode: str) -> ScopeState:
@@ -78,6 +84,10 @@ def test_scheduling_is_allowed_unless_the_rollout_stops_dynasor_everywhere():
 
 
 def test_schedulers_by_name_or_import_path():
+    assert DEFAULT_SCHEDULER == "dynasor" and load_scheduler("dynasor") is ProgramScheduler
+    assert scheduler_name(load_scheduler("dynasor")()) == "dynasor"
+    assert scheduler_name(load_scheduler("program-fifo")()) == "program-fifo"
+    assert load_scheduler("program-fifo")().config == PROGRAM_FIFO
     assert load_scheduler("fcfs") is Fcfs
     assert load_scheduler("tests.schedulers:Lifo") is Lifo
     assert scheduler_name(Fcfs()) == "fcfs"
@@ -182,3 +192,54 @@ async def test_requests_tell_the_upstream_their_program_and_kind():
     assert sum(p == main_program for p, _ in scheduler.signals) == len(probes)
     assert heard == {main_program, n2_program, "p7"}
     assert main_program in scheduler.done and n2_program in scheduler.done and "p7" not in scheduler.done
+
+
+def _serve_app(scheduler: Recording, upstream: ScriptedUpstream | None = None) -> ServeApp:
+    upstream = upstream or ScriptedUpstream(lambda call: FakeResponse())
+    return ServeApp(Settings(), FakeEngine(upstream, Admission(scheduler, 2)), Fcfs, write=lambda records: None)
+
+
+async def test_a_program_reports_its_steps_rewards_to_the_scheduler():
+    scheduler = Recording()
+    upstream = ScriptedUpstream(lambda call: FakeResponse())
+    app = _serve_app(scheduler, upstream)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve")
+    async with app:
+        r = await client.post("/v1/programs/tree-7/steps", json={"rewards": [0.25, 1, 0]})
+        assert r.status_code == 200
+        assert r.json() == {"object": "program.step", "program": "tree-7", "rewards": 3, "done": False}
+        r = await client.post("/v1/programs/a%2Fb/steps", json={"rewards": [0.5], "done": True})
+        assert r.status_code == 200 and r.json()["program"] == "a/b"
+        await client.get("/v1/programs/tree-7/steps")  # not a report: the engine's app answers
+    await client.aclose()
+    assert scheduler.steps == [("tree-7", [0.25, 1.0, 0.0]), ("a/b", [0.5])]
+    assert scheduler.done == ["a/b"]  # done: true ends the program
+    assert [c.path for c in upstream.calls] == ["/v1/programs/tree-7/steps"]
+
+
+@pytest.mark.parametrize("body, param, words", [
+    (b'{"rewards": [1.5]}', "rewards", "less than or equal to 1"),
+    (b'{"rewards": [-0.1]}', "rewards", "greater than or equal to 0"),
+    (b'{"rewards": [NaN]}', "rewards", "finite"),
+    (b'{"rewards": ["0.5"]}', "rewards", "valid number"),
+    (b'{"rewards": [true]}', "rewards", "valid number"),
+    (b'{"rewards": []}', "rewards", "at least 1"),
+    (b'{"reward": [0.5]}', "rewards", "Field required"),
+    (b'{"rewards": [0.5], "done": "yes"}', "done", "valid boolean"),
+    (b'[0.5]', None, "valid dictionary"),
+    (b'{"rewards": [0.5', None, "not valid JSON"),
+    (b'\xff', None, "not valid JSON"),
+])
+async def test_a_bad_step_report_is_an_openai_400_and_reaches_nobody(body, param, words):
+    scheduler = Recording()
+    app = _serve_app(scheduler)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve")
+    async with app:
+        r = await client.post("/v1/programs/p1/steps", content=body)
+        long_id = await client.post(f"/v1/programs/{'x' * 300}/steps", json={"rewards": [0.5]})
+    await client.aclose()
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["type"] == "invalid_request_error" and error["code"] == 400
+    assert error["param"] == param and words in error["message"]
+    assert long_id.status_code == 400 and long_id.json()["error"]["param"] == "program_id"
+    assert scheduler.steps == [] and scheduler.done == []
