@@ -6,8 +6,9 @@ Starts each server in turn (never both: one engine at a time on this machine) on
 SmolLM2 checkpoint `make engine` converts, times its start-up (process start to its
 first answer), then sends streamed chat requests that generate exactly `--tokens` tokens
 each (`ignore_eos`), one at a time and `--concurrency` at once, and prints generated
-tokens per second (median of the rounds) for each. `serve` runs with FCFS, its default
-capacity and probing off, so both servers do the same engine work.
+tokens per second (median of the rounds) for each. `serve` runs with its default scheduler
+(dynasor's) and capacity and probing off, so both servers do the same engine work and
+the difference is what dynasor's pipeline and admission cost.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """`dynasorctl serve` on the real in-process engine (vLLM CPU build + SmolLM2-135M).
 
-One server for the module (the engine takes about 30 s to start): capacity 2, a LIFO test
-scheduler (an order the engine's own FCFS never gives), and probes off for observed
-requests, so only the requests a test sends wait for slots. The tests run in file order:
-the kill switch and enforce tests change the rollout in the store; the last one shuts the
-server down.
+One server for the module (the engine takes about 30 s to start): capacity 2, dynasor's
+program scheduler (`tests.schedulers:Logged`: the default one, writing down what reaches
+it), and probes off for observed requests, so only the requests a test sends wait for
+slots. The tests run in file order: the kill switch and enforce tests change the rollout
+in the store; the last one shuts the server down. Every wait is on a condition (the
+server's /health, a stream's first chunk), so the tests hold on a loaded machine.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ except ImportError:
 SERVE_ENV = {**ENV, "PYTHONPATH": str(ROOT)}
 HOLD = 400  # tokens a slot-holding stream asks for: it is closed long before
 SHORT = 8
+SHORT_PACED = 10  # past 8 tokens, so the scheduler learns the engine's pace from them
+LONG = 64
 
 
 @dataclass
@@ -56,11 +59,17 @@ class Served:
     db: str
     jobs: Path  # every job the test scheduler was given (tests.schedulers.JOB_LOG)
 
+    def told(self) -> list[dict[str, Any]]:
+        """Everything the scheduler was told so far, in order."""
+        return [json.loads(line) for line in self.jobs.read_text().splitlines()]
+
     def jobs_of(self, request_id: str) -> list[dict[str, Any]]:
         """The engine requests of one vLLM request id: itself, or its samples (`i_<id>`)."""
-        jobs = [json.loads(line) for line in self.jobs.read_text().splitlines()]
-        return [j for j in jobs if j["request_id"] == request_id
-                or j["request_id"].partition("_")[2] == request_id]
+        return [j for j in self.told() if "request_id" in j and (
+            j["request_id"] == request_id or j["request_id"].partition("_")[2] == request_id)]
+
+    def events(self, event: str, program: str) -> list[dict[str, Any]]:
+        return [e for e in self.told() if e.get("event") == event and e["program"] == program]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +80,7 @@ def served(tmp_path_factory):
     db = f"sqlite:///{tmp}/serve.db"
     jobs = tmp / "jobs.jsonl"
     jobs.touch()
-    options = ("--capacity", "2", "--scheduler", "tests.schedulers:Lifo", "--probe-rate", "0",
+    options = ("--capacity", "2", "--scheduler", "tests.schedulers:Logged", "--probe-rate", "0",
                "--config", str(config))
     with start_serve(db=db, options=options, env={**SERVE_ENV, JOB_LOG: str(jobs)}) as (url, proc):
         yield Served(url, proc, db, jobs)
@@ -113,38 +122,45 @@ class Stream:
         await self.resp.aclose()
 
 
-async def open_stream(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Stream:
+async def open_stream(http: httpx.AsyncClient, url: str, body: dict[str, Any],
+                      headers: dict[str, str] | None = None) -> Stream:
     """A stream whose first chunk is in (so it is in the engine); the caller closes it."""
-    resp = await http.send(http.build_request("POST", f"{url}/v1/chat/completions", json=body),
-                           stream=True)
+    resp = await http.send(http.build_request("POST", f"{url}/v1/chat/completions", json=body,
+                                              headers=headers), stream=True)
     assert resp.status_code == 200
     stream = Stream(resp, resp.aiter_raw())
     await stream.next()
     return stream
 
 
-async def admission_order(http: httpx.AsyncClient, url: str,
-                          before_release: Callable[[], Awaitable[None]]) -> list[str]:
-    """Requests A, B, C arrive in that order while two long streams fill the engine; the
-    streams are closed one at a time. The order in which A, B and C start generating."""
+async def admission_order(http: httpx.AsyncClient, url: str, requests: dict[str, dict[str, Any]],
+                          before_release: Callable[[], Awaitable[None]]) -> tuple[list[str], list[str]]:
+    """The named requests (a chat body each) arrive in that order while two long streams fill
+    the engine; the streams are then closed one at a time. The order in which the requests
+    start generating, and the order in which they finish."""
     holders = [await open_stream(http, url, chat(HOLD)) for _ in range(2)]
     started: dict[str, float] = {}
+    ended: dict[str, float] = {}
 
-    async def short(name: str) -> None:
-        async with http.stream("POST", f"{url}/v1/chat/completions", json=chat(SHORT)) as resp:
+    async def one(name: str, body: dict[str, Any]) -> None:
+        headers = {"x-dynasor-program-type": body.pop("program_type")} if "program_type" in body else {}
+        async with http.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as resp:
+            assert resp.status_code == 200
             async for _ in resp.aiter_raw():
                 started.setdefault(name, time.monotonic())
+        ended[name] = time.monotonic()
 
-    tasks = []
-    for name in "ABC":
-        tasks.append(asyncio.create_task(short(name)))
-        await until(lambda n=len(tasks): _queued(http, url, n), f"{name} queued")
+    tasks, queued = [], 0
+    for name, body in requests.items():
+        tasks.append(asyncio.create_task(one(name, dict(body))))
+        queued += body.get("n", 1)
+        await until(lambda n=queued: _queued(http, url, n), f"{name} queued")
     await before_release()
     await holders[0].close()  # a slot frees: the scheduler picks who starts
     await until(lambda: _started(started, 1), "one started")
     await holders[1].close()
     await asyncio.gather(*tasks)
-    return sorted(started, key=started.__getitem__)
+    return sorted(started, key=started.__getitem__), sorted(ended, key=ended.__getitem__)
 
 
 async def _queued(http: httpx.AsyncClient, url: str, n: int) -> bool:
@@ -153,6 +169,10 @@ async def _queued(http: httpx.AsyncClient, url: str, n: int) -> bool:
 
 async def _started(started: dict[str, float], n: int) -> bool:
     return len(started) >= n
+
+
+async def _nothing() -> None:
+    pass
 
 
 async def test_the_openai_client_gets_valid_responses(served):
@@ -198,15 +218,46 @@ async def test_the_openai_client_gets_valid_responses(served):
         await client.chat.completions.create(model="no-such-model", messages=question, max_tokens=1)
 
 
-async def test_with_the_engine_full_requests_start_in_the_schedulers_order(served):
+async def test_with_the_engine_full_a_later_short_program_finishes_before_an_earlier_long_one(served):
+    """Approximate shortest job first: four samples of 64 tokens came first, one request of 8
+    tokens later; with one slot free, dynasor starts the short one (FCFS would not)."""
     async with httpx.AsyncClient(timeout=300) as http:
-        assert (await health(http, served.url))["scheduler"]["name"] == "tests.schedulers:Lifo"
+        assert (await health(http, served.url))["scheduler"]["name"] == "tests.schedulers:Logged"
+        started, ended = await admission_order(http, served.url, {
+            "long": chat(LONG, n=4, program_type="search"), "short": chat(SHORT)}, _nothing)
+    assert started == ["short", "long"] and ended == ["short", "long"]
 
-        async def nothing() -> None:
-            pass
 
-        order = await admission_order(http, served.url, nothing)
-    assert order == ["C", "B", "A"]  # newest first: the scheduler's order, not the engine's FCFS
+async def test_a_program_that_keeps_losing_priority_is_still_served(served):
+    """Starvation guard: short requests keep coming, each predicted shorter than a long one
+    that waits; past three times its predicted time alone the long one goes first."""
+    url = served.url
+    shorts: list[tuple[float, float]] = []  # (sent, ended) of every short request
+    stop = asyncio.Event()
+    async with httpx.AsyncClient(timeout=300) as http:
+        async def feeder() -> None:  # four at a time on two slots: some always wait
+            while not stop.is_set():
+                sent = time.monotonic()
+                r = await http.post(f"{url}/v1/chat/completions", json=chat(SHORT_PACED, stream=False))
+                assert r.status_code == 200
+                shorts.append((sent, time.monotonic()))
+
+        feeders = [asyncio.create_task(feeder()) for _ in range(4)]
+        await until(lambda: _done_shorts(shorts, 4), "the short requests flowing")
+        sent = time.monotonic()
+        long = await open_stream(http, url, chat(LONG), {"x-dynasor-program-type": "long"})
+        started = time.monotonic()
+        overtaken = sum(1 for s, e in shorts if s > sent and e < started)
+        stop.set()
+        rest = [c async for c in long.chunks]
+        await long.close()
+        await asyncio.gather(*feeders)
+    assert rest and rest[-1].strip().endswith(b"[DONE]")
+    assert overtaken >= 2  # it lost priority to requests that came after it, then was served
+
+
+async def _done_shorts(shorts: list[tuple[float, float]], n: int) -> bool:
+    return len(shorts) >= n
 
 
 async def test_a_closed_stream_is_aborted_in_the_engine_and_frees_its_slot(served):
@@ -232,7 +283,7 @@ async def test_a_closed_stream_is_aborted_in_the_engine_and_frees_its_slot(serve
 async def test_the_kill_switch_falls_back_to_fcfs_without_a_restart(served):
     store = open_store(served.db)
     save_policy(store, "cot", "*", STOP_AT_FIRST_PROBE, "serve test")
-    # A scope shadowed where these requests do not fall: the test scheduler runs, they stay observed.
+    # A scope shadowed where these requests do not fall: dynasor schedules, they stay observed.
     await asyncio.to_thread(rollout.set_scope, store, "model:unused", mode="shadow", policy="latest",
                             reason="serve test", who="test")
     async with httpx.AsyncClient(timeout=300) as http:
@@ -240,18 +291,36 @@ async def test_the_kill_switch_falls_back_to_fcfs_without_a_restart(served):
             s = (await health(http, served.url))["scheduler"]
             return s["fallback"] == on and (s["name"] == "fcfs") == on
 
-        await until(lambda: fallback(False), "the test scheduler admitting")
+        await until(lambda: fallback(False), "dynasor's scheduler admitting")
 
         async def kill() -> None:
             await asyncio.to_thread(rollout.kill, store, reason="serve test", who="test")
             await until(lambda: fallback(True), "FCFS after the kill")
 
-        order = await admission_order(http, served.url, kill)
-        assert order == ["A", "B", "C"]  # the queue LIFO held was handed to FCFS
+        # dynasor would start B and C, predicted shorter, before A: FCFS keeps arrival order
+        started, _ = await admission_order(http, served.url, {
+            "A": chat(LONG, program_type="long"), "B": chat(SHORT), "C": chat(SHORT)}, kill)
+        assert started == ["A", "B", "C"]  # the queue was handed to FCFS as it came
         await asyncio.to_thread(rollout.set_scope, store, "model:unused", mode="shadow",
                                 reason="serve test", who="test")
-        await until(lambda: fallback(False), "the test scheduler back")
+        await until(lambda: fallback(False), "dynasor's scheduler back")
     assert served.proc.poll() is None  # no restart
+
+
+async def test_a_multi_step_program_reports_its_step_rewards(served):
+    async with httpx.AsyncClient(timeout=300) as http:
+        r = await http.post(f"{served.url}/v1/chat/completions", json=chat(SHORT, stream=False),
+                            headers={"x-dynasor-program": "tree-1", "x-dynasor-program-type": "mcts"})
+        assert r.status_code == 200
+        ok = await http.post(f"{served.url}/v1/programs/tree-1/steps", json={"rewards": [0.75, 0.25]})
+        bad = await http.post(f"{served.url}/v1/programs/tree-1/steps", json={"rewards": [2]})
+        done = await http.post(f"{served.url}/v1/programs/tree-1/steps", json={"rewards": [1], "done": True})
+    assert ok.status_code == 200 and ok.json()["rewards"] == 2 and done.status_code == 200
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "rewards"
+    (job,) = served.jobs_of(r.json()["id"])
+    assert (job["program"], job["type"]) == ("tree-1", "mcts")
+    assert [e["rewards"] for e in served.events("step", "tree-1")] == [[0.75, 0.25], [1.0]]
+    assert served.events("done", "tree-1")
 
 
 def _counter(metrics: str, name: str) -> float:
@@ -279,9 +348,10 @@ async def test_an_enforced_stop_aborts_the_engine_request_and_frees_its_slot(ser
         assert stop["stopped"] and stop["stop_token"] == 16  # the policy stops at its first probe
         assert events[-1]["usage"]["completion_tokens"] < HOLD
         (main,) = served.jobs_of(events[0]["id"])
-        jobs = [json.loads(line) for line in served.jobs.read_text().splitlines()]
         assert main["kind"] == "cot"
-        assert any(j["kind"] == "probe" and j["program"] == main["program"] for j in jobs)
+        assert any(j.get("kind") == "probe" and j["program"] == main["program"] for j in served.told())
+        # the probe's certaindex and the program's end reached the scheduler
+        assert served.events("signal", main["program"]) and served.events("done", main["program"])
 
         async def empty() -> bool:
             h = await health(http, url)
