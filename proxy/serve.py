@@ -5,7 +5,8 @@ rollout, guardrails, admin API, metrics) whose upstream is the in-process
 engine (`proxy.upstream.engine`, started by `proxy.upstream.vllm`). What only `serve` adds:
 
 - what the pipeline learns about each program (each probe's or sample's certaindex, a
-  program done or stopped) reaches the scheduler through the admission;
+  program done or stopped) reaches the scheduler through the admission, and so do the
+  step rewards multi-step programs report (`POST /v1/programs/{id}/steps`, `proxy.steps`);
 - the scheduler's queue and the engine's own batch on /health and /metrics;
 - the kill switch reaches the scheduler: while the rollout in the store puts
   every scope in observe or off (where `dynasorctl rollout kill` leaves them),
