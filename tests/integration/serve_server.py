@@ -25,21 +25,22 @@ ENGINE_OPTIONS = ["--max-model-len", "2048", "--enable-prefix-caching", "--dtype
                   "--enforce-eager", "--served-model-name", MODEL_NAME]
 
 
-def serve_command(port: int, db: str, *options: str) -> list[str]:
+def serve_command(port: int, db: str, *options: str, engine: tuple[str, ...] = ()) -> list[str]:
     return [str(DYNASORCTL), "serve", "--model", str(MODEL), "--port", str(port), "--db", db,
-            *options, "--", *ENGINE_OPTIONS]
+            *options, "--", *ENGINE_OPTIONS, *engine]
 
 
 @contextmanager
 def start_serve(port: int | None = None, db: str | None = None, options: tuple[str, ...] = (),
-                env: dict[str, str] = ENV, timeout: float = 300) -> Iterator[tuple[str, subprocess.Popen]]:
+                env: dict[str, str] = ENV, timeout: float = 300,
+                engine: tuple[str, ...] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
     """Yield (base_url, process) once GET /health answers (the engine is up by then)."""
     if not (MODEL / ".converted").exists():
         raise RuntimeError(f"{MODEL}/.converted is missing: run `make engine` first.")
     port = port or free_port()
     db = db or f"sqlite:///{LOGS / f'serve-{port}.db'}"
     url = f"http://127.0.0.1:{port}"
-    with launched("dynasorctl serve", serve_command(port, db, *options), env, f"{url}/health",
+    with launched("dynasorctl serve", serve_command(port, db, *options, engine=engine), env, f"{url}/health",
                   LOGS / f"serve-{port}.log", timeout) as proc:
         yield url, proc
 

@@ -1,6 +1,7 @@
 """`dynasorctl serve` on the real in-process engine (vLLM CPU build + SmolLM2-135M).
 
-One server for the module (the engine takes about 30 s to start): capacity 2, dynasor's
+One server for the module (the engine takes about 30 s to start): `--max-num-seqs 2`, so
+capacity 2, dynasor's
 program scheduler (`tests.schedulers:Logged`: the default one, writing down what reaches
 it), and probes off for observed requests, so only the requests a test sends wait for
 slots. The tests run in file order: the kill switch and enforce tests change the rollout
@@ -80,9 +81,11 @@ def served(tmp_path_factory):
     db = f"sqlite:///{tmp}/serve.db"
     jobs = tmp / "jobs.jsonl"
     jobs.touch()
-    options = ("--capacity", "2", "--scheduler", "tests.schedulers:Logged", "--probe-rate", "0",
+    options = ("--scheduler", "tests.schedulers:Logged", "--probe-rate", "0",
                "--config", str(config))
-    with start_serve(db=db, options=options, env={**SERVE_ENV, JOB_LOG: str(jobs)}) as (url, proc):
+    # The engine's batch limit is the admission's capacity.
+    with start_serve(db=db, options=options, env={**SERVE_ENV, JOB_LOG: str(jobs)},
+                     engine=("--max-num-seqs", "2")) as (url, proc):
         yield Served(url, proc, db, jobs)
 
 
@@ -176,7 +179,12 @@ async def _nothing() -> None:
 
 
 async def test_the_openai_client_gets_valid_responses(served):
-    client = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="none", max_retries=0, timeout=120)
+    async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="none", max_retries=0,
+                                  timeout=120) as client:  # closed: no socket left to the next test
+        await _openai_checks(served, client)
+
+
+async def _openai_checks(served: Served, client: openai.AsyncOpenAI) -> None:
     question = [{"role": "user", "content": "What is 12 + 7?"}]
     whole = await client.chat.completions.create(model=MODEL_NAME, messages=question, max_tokens=12,
                                                  temperature=0)
@@ -222,7 +230,8 @@ async def test_with_the_engine_full_a_later_short_program_finishes_before_an_ear
     """Approximate shortest job first: four samples of 64 tokens came first, one request of 8
     tokens later; with one slot free, dynasor starts the short one (FCFS would not)."""
     async with httpx.AsyncClient(timeout=300) as http:
-        assert (await health(http, served.url))["scheduler"]["name"] == "tests.schedulers:Logged"
+        scheduler = (await health(http, served.url))["scheduler"]
+        assert (scheduler["name"], scheduler["capacity"]) == ("tests.schedulers:Logged", 2)
         started, ended = await admission_order(http, served.url, {
             "long": chat(LONG, n=4, program_type="search"), "short": chat(SHORT)}, _nothing)
     assert started == ["short", "long"] and ended == ["short", "long"]
