@@ -51,6 +51,9 @@ HOLD = 400  # tokens a slot-holding stream asks for: it is closed long before
 SHORT = 8
 SHORT_PACED = 10  # past 8 tokens, so the scheduler learns the engine's pace from them
 LONG = 64
+# Past the engine's first KV block (128 tokens on CPU): only whole blocks are prefix-cached.
+LONG_PROMPT = [{"role": "system", "content": "You tell vivid, detailed stories about animals. " * 30},
+               *STORY]
 
 
 @dataclass
@@ -350,7 +353,7 @@ async def test_an_enforced_stop_aborts_the_engine_request_and_frees_its_slot(ser
         await until(enforcing, "the store's rollout enforced")
         before = (await http.get(f"{url}/metrics")).text
         r = await http.post(f"{url}/v1/chat/completions",
-                            json=chat(HOLD, stream_options={"include_usage": True}))
+                            json=chat(HOLD, messages=LONG_PROMPT, stream_options={"include_usage": True}))
         assert r.status_code == 200 and r.headers["x-dynasor-mode"] == "enforce"
         events = [json.loads(b[6:]) for b in r.content.split(b"\n\n") if b.startswith(b"data: {")]
         stop = next(e["dynasor"] for e in events if "dynasor" in e)
