@@ -49,6 +49,7 @@ from proxy.pipeline.probe import Prober
 from proxy.pipeline.programs import PROGRAM_HEADER, Programs
 from proxy.pipeline.record import build_record, decision_of
 from proxy.pipeline.samples import ProgramRun, Sample, program_outcome
+from proxy.pipeline.session import ProbeSession
 from proxy.pipeline.sse import error_body, error_frame
 from proxy.settings import Settings
 from proxy.store.recorder import Record, Recorder, write_records
@@ -211,8 +212,8 @@ class ProxyApp:
                 return
             ex.assembled = not stream and n == 1 and assemblable(body, ex.mode)
             if (stream or ex.assembled) and n == 1 and self._should_probe(kind, body, ex.mode):
-                ex.probes = self.prober.session(kind, body, probe_headers(headers), ex.plan.policy,
-                                                enforcing=ex.mode == "enforce")
+                ex.probes = ProbeSession(self.prober, kind, body, probe_headers(headers), ex.plan.policy,
+                                         enforcing=ex.mode == "enforce")
             ex.assembled = ex.assembled and (ex.probes is not None or ex.member)
             if ex.mode != "observe" and ex.probes is None and not ex.member:
                 # Nothing here the policy can watch (tools, logprobs, no prompt): say so.
@@ -225,7 +226,7 @@ class ProxyApp:
                                            interval or self.settings.probe_interval, live=ex.member)
         await self._relay(scope, receive, send, raw, ex)
         if ex.probes is not None:
-            await ex.probes.close()
+            await ex.probes.close(ex.observer.live_choice(0) if ex.observer else None)
         self._after(scope, ex)
 
     def _after(self, scope: Scope, ex: Exchange) -> None:

@@ -15,7 +15,7 @@ from proxy.upstream.base import Headers, forwardable
 if TYPE_CHECKING:
     from proxy.control.plan import Plan
     from proxy.pipeline.observe import ResponseObserver
-    from proxy.pipeline.probe import ProbeSession
+    from proxy.pipeline.session import ProbeSession
     from proxy.pipeline.samples import ProgramResult
 
 Scope = dict[str, Any]
