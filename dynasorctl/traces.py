@@ -16,6 +16,7 @@ from proxy.core.policy import ProbeObservation
 
 PACKAGED_SAMPLE = Path(__file__).parent / "data" / "cot-sample.jsonl.gz"
 PACKAGED_SC_SAMPLE = Path(__file__).parent / "data" / "sc-sample.jsonl.gz"
+PACKAGED_TRIALS = Path(__file__).parent / "data" / "cot-sample-trials.jsonl.gz"
 
 
 class TraceFileError(Exception):
@@ -38,6 +39,7 @@ class CotTrace:
     final_answer: str | None
     final_correct: bool | None
     probes: list[ProbeObservation]
+    probe: dict | None = None  # how the probes were taken: suffix, interval, max_tokens
 
 
 @dataclass(slots=True)
@@ -87,6 +89,7 @@ def _cot(r: dict) -> CotTrace:
         final_answer=r.get("final_answer"),
         final_correct=r.get("final_correct"),
         probes=_probes(r.get("probes") or []),
+        probe=r.get("probe") if isinstance(r.get("probe"), dict) else None,
     )
 
 
@@ -113,7 +116,8 @@ def _sc(r: dict) -> ScProgram:
     )
 
 
-def _open(path: Path):
+def open_trace_file(path: Path):
+    """A trace (or trial) file opened for text, gzip or plain; TraceFileError if it is not one."""
     if not path.exists():
         raise TraceFileError(f"{path}: no such file")
     if path.is_dir():
@@ -129,7 +133,7 @@ def load(path: str | Path) -> list[CotTrace] | list[ScProgram]:
     records: list = []
     kind: str | None = None
     try:
-        with _open(path) as fh:
+        with open_trace_file(path) as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue

@@ -11,7 +11,8 @@ from dynasorctl.calibration.observed import ObservedProgram, ObservedRun
 from dynasorctl.calibration.sc import replay_program
 from dynasorctl.calibration.table import PROBE_PROMPT_COST, build_table
 from dynasorctl.errors import UserError
-from proxy.core.policy import CotPolicy, PolicyFile, first_stop, probes_used
+from dynasorctl.trials import TrialSetup
+from proxy.core.policy import CotPolicy, PolicyFile, first_stop, taken
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,19 +40,37 @@ def probe_interval(runs: Sequence[ObservedRun]) -> int:
 
 def check_schedule(policy: CotPolicy, recorded: int) -> None:
     """A policy can only be replayed on probes that were recorded."""
-    for name in ("interval", "early_interval"):
-        value = getattr(policy, name)
+    checked = [("interval", policy.interval if policy.periodic else None),
+               ("early_interval", policy.early_interval if policy.periodic else None),
+               ("statement.align", policy.statement.align if policy.statement else None)]
+    for name, value in checked:
         if value is not None and recorded and value % recorded:
             raise UserError(f"the policy's {name} is {value} tokens but the traces were probed "
                             f"every {recorded}: use a multiple of {recorded}")
 
 
+def check_trials(policy: CotPolicy, trials: TrialSetup | None) -> None:
+    """A policy that takes trials replays only on trials recorded the way it takes them."""
+    if policy.transition is None:
+        return
+    if trials is None:
+        raise UserError("the policy takes trials at transition words (DEER): give the trials "
+                        "recorded with the traces (--trials FILE)")
+    why = trials.mismatch(policy.transition)
+    if why is not None:
+        raise UserError(f"the recorded trials cannot stand for the policy's: {why}")
+
+
 def evaluate_cot(runs: Sequence[ObservedRun], policy: PolicyFile, grader: Grader,
                  progress: Callable[[int, int], None] | None = None,
-                 ) -> tuple[list[dict], Summary]:
-    """A decision per run (as `decide_cot` takes it) and the summary over all runs."""
+                 trials: TrialSetup | None = None) -> tuple[list[dict], Summary]:
+    """A decision per run (as `decide_cot` takes it) and the summary over all runs.
+
+    `trials`: how the runs' trials were recorded (None: no trials recorded).
+    """
     assert policy.cot is not None
     check_schedule(policy.cot, probe_interval(runs))
+    check_trials(policy.cot, trials)
     table = build_table(runs)
     decisions: list[dict] = []
     total = saved = cost = stopped = in_scope = 0
@@ -59,20 +78,21 @@ def evaluate_cot(runs: Sequence[ObservedRun], policy: PolicyFile, grader: Grader
     for r, run in enumerate(runs):
         total += run.main_tokens
         record = {"trace_id": run.run_id, "stop_token": None, "answer": run.final_answer,
-                  "probes": 0, "probe_tokens": 0}
+                  "probes": 0, "probe_tokens": 0, "source": None}
         if policy.applies_to(run.model):
             in_scope += 1
-            probes = table.probes(r)
-            index, decision = first_stop(policy.cot, probes)
-            taken = probes_used(policy.cot, probes if index is None else probes[: index + 1])
-            record["probes"] = len(taken)
-            record["probe_tokens"] = sum(p.tokens for p in taken)
-            cost += record["probe_tokens"] + PROBE_PROMPT_COST * len(taken)
+            seq = table.observations(r)
+            index, decision = first_stop(policy.cot, seq)
+            took = taken(policy.cot, seq if index is None else seq[: index + 1])
+            record["probes"] = len(took)
+            record["probe_tokens"] = sum(p.tokens for p in took)
+            cost += record["probe_tokens"] + PROBE_PROMPT_COST * len(took)
             if index is not None:
                 stopped += 1
-                record["stop_token"] = probes[index].position
+                record["stop_token"] = seq[index].position
                 record["answer"] = decision.answer
-                saved += run.main_tokens - probes[index].position
+                record["source"] = decision.source
+                saved += run.main_tokens - seq[index].position
         answers.append((run, record["answer"], record["stop_token"] is not None))
         decisions.append(record)
         if progress:

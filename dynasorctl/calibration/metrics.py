@@ -128,8 +128,9 @@ class Figures(Answers):
 def never_stop_stops(table: ProbeTable) -> Stops:
     """The baseline: no probes, no stops."""
     zeros = np.zeros(table.n_runs, np.int64)
-    return Stops(row=np.full(table.n_runs, -1, np.int64), key=np.full(table.n_runs, -1, np.int64),
-                 probes=zeros, cost=zeros, decoded=zeros)
+    none = np.full(table.n_runs, -1, np.int64)
+    return Stops(row=none, key=none, probes=zeros, cost=zeros, decoded=zeros, pos=none,
+                 source=zeros)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +169,7 @@ def figures(table: ProbeTable, grades: Grades, stops: Stops, runs: np.ndarray,
     main = table.main_tokens[runs]
     total = float(main.sum()) or 1.0
     stopped = stops.stopped[runs]
-    stop_pos = table.pos[np.maximum(stops.row[runs], 0)]
+    stop_pos = stops.pos[runs]
     saved = float(np.where(stopped, main - stop_pos, 0).sum())
     cost = float(stops.cost[runs].sum())
     changed = int(out.changed.sum())

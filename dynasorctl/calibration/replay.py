@@ -1,11 +1,13 @@
 """Vectorised replay of chain-of-thought policies over a probe table.
 
-`Replayer.stops(policy)` gives, for every run, the probe at which `decide_cot`
+`Replayer.stops(policy)` gives, for every run, the observation at which `decide_cot`
 would first stop it. It is a second implementation of the same rule, built for
 speed (hundreds of policies over hundreds of thousands of probes); the tests hold
-it to the one decision function, `proxy.policy.first_stop`, probe for probe.
-Rules it cannot vectorise (a window whose agreeing share is not a strict
-majority) are replayed through `first_stop` itself.
+it to the one decision function, `proxy.policy.first_stop`, observation for
+observation. The periodic agreement rule is replayed here, the other triggers in
+`triggers.py`. Rules it cannot vectorise (a window whose agreeing share is not a
+strict majority, a confidence gate on periodic probes) are replayed through
+`first_stop` itself.
 """
 
 from __future__ import annotations
@@ -15,23 +17,30 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dynasorctl.calibration.table import ProbeTable
-from proxy.core.policy import CotPolicy, StopRule, first_stop
+from dynasorctl.calibration import triggers
+from dynasorctl.calibration.table import PROBE_PROMPT_COST, ProbeTable
+from dynasorctl.calibration.triggers import NEVER, Combined, Hits
+from proxy.core.certaindex import normalize_answer
+from proxy.core.policy import CotPolicy, ProbeObservation, StopRule, first_stop, taken
+
+SOURCES = {triggers.PROBE: "probe", triggers.TRIAL: "trial", triggers.TEXT: "text"}
 
 
 @dataclass(frozen=True, slots=True)
 class Stops:
-    """Where one policy stops each run, and what its probes cost."""
+    """Where one policy stops each run, and what its probes and trials cost."""
 
-    row: np.ndarray  # int64 per run: probe row of the stop, -1 when it never stops
+    row: np.ndarray  # int64 per run: probe row of a stop at a probe, else -1
     key: np.ndarray  # int64 per run: answer id given at the stop, -1 when none
-    probes: np.ndarray  # int64 per run: probes the policy took
+    probes: np.ndarray  # int64 per run: probes and trials the policy took
     cost: np.ndarray  # int64 per run: their decoded tokens plus prompt cost
     decoded: np.ndarray  # int64 per run: their decoded tokens
+    pos: np.ndarray  # int64 per run: main tokens at the stop, -1 when it never stops
+    source: np.ndarray  # int64 per run: triggers.PROBE, TRIAL, TEXT, or NONE
 
     @property
     def stopped(self) -> np.ndarray:
-        return self.row >= 0
+        return self.pos >= 0
 
 
 @dataclass(slots=True)
@@ -73,12 +82,13 @@ class Replayer:
     # --- the probes a policy takes --------------------------------------------------------
 
     def used(self, policy: CotPolicy) -> _Used:
-        ck = (policy.interval, policy.early_interval, policy.dense_from, policy.max_probes)
+        ck = (policy.periodic, policy.interval, policy.early_interval, policy.dense_from,
+              policy.max_probes)
         if ck in self._used:
             return self._used[ck]
         t = self.t
         pos = t.pos
-        due = pos > 0
+        due = (pos > 0) & policy.periodic
         if policy.early_interval is not None:
             early = pos < policy.dense_from
             due &= np.where(early, pos % policy.early_interval == 0, pos % policy.interval == 0)
@@ -204,50 +214,79 @@ class Replayer:
 
     # --- where each run stops -------------------------------------------------------------
 
-    def stops(self, policy: CotPolicy) -> Stops:
-        votes = math.ceil(policy.agree_share * policy.window)
-        if 2 * votes <= policy.window:
-            return self._stops_exact(policy)
+    def periodic_hits(self, policy: CotPolicy) -> Hits:
+        """The periodic agreement rule's first stop per run (vectorised)."""
         u = self.used(policy)
         if len(u.rows) == 0:  # nothing on the schedule was recorded: nothing can stop
-            none = np.full(self.t.n_runs, -1, np.int64)
-            return self._stops(u, none, u.last, none)
+            return triggers.no_hits(self.t.n_runs, triggers.PROBE)
         sat, key = self.window(policy)
         cond = sat & (u.pos >= policy.min_tokens)
         if policy.rule is not None:
             cond &= self.score(policy, policy.rule) >= policy.rule.logit_threshold
-        hits = np.flatnonzero(cond)
-        runs, first_hit = np.unique(u.run[hits], return_index=True)
-        n_runs = self.t.n_runs
-        at = np.full(n_runs, -1, np.int64)
-        at[runs] = hits[first_hit]
-        upto = np.where(at >= 0, at, u.last)  # the last probe taken
-        return self._stops(u, at, upto, np.where(at >= 0, key[np.maximum(at, 0)], -1))
+        return triggers.first_per_run(self.t.n_runs, u.run, u.pos, key, u.rows, cond, 1,
+                                      triggers.PROBE)
 
-    def _stops(self, u: _Used, at: np.ndarray, upto: np.ndarray, key: np.ndarray) -> Stops:
-        def before(cum: np.ndarray) -> np.ndarray:
-            padded = np.concatenate([[0], cum])
-            return padded[upto + 1] - padded[u.first]
+    def stops(self, policy: CotPolicy) -> Stops:
+        votes = math.ceil(policy.agree_share * policy.window)
+        if policy.periodic and (2 * votes <= policy.window or policy.min_confidence is not None):
+            return self._stops_exact(policy)
+        t = self.t
+        said, said_rows = triggers.statement_probes(t, policy)
+        trial_rows = triggers.trials_taken(t, policy)
+        # At one probe the statement rule decides first, as `decide_cot` does.
+        hits = [said, self.periodic_hits(policy), triggers.trial_hits(t, policy, trial_rows),
+                triggers.think_hits(t, policy)]
+        stop = triggers.earliest(t.n_runs, hits)
+        rows = np.union1d(self.used(policy).rows, said_rows)  # each probe taken costs once
+        m = triggers.span(t)
+        n_p, cost_p = triggers.cost_upto(t.run_of[rows], t.pos[rows], t.cost[rows], t.n_runs,
+                                         stop, 1, m)
+        _, dec_p = triggers.cost_upto(t.run_of[rows], t.pos[rows], t.decoded[rows], t.n_runs,
+                                      stop, 1, m)
+        n_t, cost_t, dec_t = triggers.trial_costs(t, trial_rows, stop)
+        return self._finish(stop, n_p + n_t, cost_p + cost_t, dec_p + dec_t)
 
-        row = np.where(at >= 0, u.rows[np.maximum(at, 0)] if len(u.rows) else -1, -1)
-        return Stops(row=row, key=key, probes=upto + 1 - u.first, cost=before(u.cost),
-                     decoded=before(u.decoded))
+    def _finish(self, stop: Combined, probes: np.ndarray, cost: np.ndarray,
+                decoded: np.ndarray) -> Stops:
+        stopped = stop.pos != NEVER
+        return Stops(row=np.where(stopped, stop.row, -1), key=np.where(stopped, stop.key, -1),
+                     probes=probes.astype(np.int64), cost=cost.astype(np.int64),
+                     decoded=decoded.astype(np.int64), pos=np.where(stopped, stop.pos, -1),
+                     source=np.where(stopped, stop.source, triggers.NONE))
 
     def _stops_exact(self, policy: CotPolicy) -> Stops:
-        t, u = self.t, self.used(policy)
-        at = np.full(t.n_runs, -1, np.int64)
-        key = np.full(t.n_runs, -1, np.int64)
-        for r in range(t.n_runs):
-            probes = t.probes(r)
-            index, decision = first_stop(policy, probes)
+        """Every run through the decision function itself (rules the vectors cannot hold)."""
+        t = self.t
+        n = t.n_runs
+        pos, key, row = (np.full(n, -1, np.int64) for _ in range(3))
+        source = np.zeros(n, np.int64)
+        probes, cost, decoded = (np.zeros(n, np.int64) for _ in range(3))
+        codes = {v: k for k, v in SOURCES.items()}
+        for r in range(n):
+            seq = t.observations(r)
+            index, decision = first_stop(policy, seq)
+            took = taken(policy, seq if index is None else seq[: index + 1])
+            probes[r] = len(took)
+            decoded[r] = sum(p.tokens for p in took)
+            cost[r] = decoded[r] + PROBE_PROMPT_COST * len(took)
             if index is None:
                 continue
-            lo = int(t.run_start[r])
-            at[r] = int(np.searchsorted(u.rows, lo + index))
-            # The answer is the latest window probe that gave it: find its answer id.
-            for i in range(lo + index, lo - 1, -1):
-                if probes[i - lo].answer == decision.answer:
-                    key[r] = t.key[i]
-                    break
-        upto = np.where(at >= 0, at, u.last)
-        return self._stops(u, at, upto, key)
+            at = seq[index]
+            pos[r], source[r] = at.position, codes[decision.source or "probe"]
+            key[r] = self.key_of(r, decision.answer)
+            if isinstance(at, ProbeObservation) and not at.trial:
+                lo, hi = int(t.run_start[r]), int(t.run_start[r + 1])
+                row[r] = lo + int(np.searchsorted(t.pos[lo:hi], at.position))
+        stop = Combined(np.where(pos >= 0, pos, NEVER), np.zeros(n, np.int64), key, row, source)
+        return self._finish(stop, probes, cost, decoded)
+
+    def key_of(self, run: int, answer: str | None) -> int:
+        """The answer id of `answer` in `run` (-1: no answer)."""
+        k = normalize_answer(answer)
+        if k is None:
+            return -1
+        ids = self.t.key_run  # answer ids are numbered run after run
+        for i in range(int(np.searchsorted(ids, run)), int(np.searchsorted(ids, run, "right"))):
+            if normalize_answer(self.t.key_answer[i]) == k:
+                return i
+        return -1

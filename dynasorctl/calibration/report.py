@@ -65,7 +65,8 @@ def frontier_table(cal: Calibration, target: Target, kind: str) -> Table:
         h = e.holdout
         d = h.damage
         table.add_row(
-            e.candidate.name + (" *" if e is cal.recommended else ""),
+            e.candidate.name + (" (previous best)" if e is cal.previous else "")
+            + (" *" if e is cal.recommended else ""),
             f"{pct(e.tune.net_saved)} → {pct(h.net_saved)}",
             pct(h.probe_cost) if kind == "cot" else pct(h.samples_used),
             pct(h.stopped),

@@ -2,7 +2,9 @@
 
 Replaying hundreds of policies reads only these columns. Text signals are
 computed here for all probes at once, with the same definitions (and, as the tests
-check, the same values) as `proxy.policy.text_signals` on the text so far.
+check, the same values) as `proxy.policy.text_signals` on the text so far. The
+other observations (trials, answer statements, the end of thinking) get columns of
+their own (`SignalColumns`), their answers in the same answer-id space as the probes'.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dynasorctl.calibration.observed import ObservedRun
+from dynasorctl.calibration.signals import TextEvents, observations, text_events
 from proxy.core.certaindex import normalize_answer
 from proxy.core.policy import (
     HESITATION_RE,
@@ -21,19 +24,16 @@ from proxy.core.policy import (
     THINK_END,
     VERIFICATION_RE,
     VERIFICATION_WORDS,
+    Observation,
     ProbeObservation,
     TextSignals,
 )
+from proxy.core.text import text_cut
 
-# Prompt-side cost of one probe, in token-equivalents, on top of its decoded tokens.
+# Prompt-side cost of one probe (or trial), in token-equivalents, on top of its decoded tokens.
 PROBE_PROMPT_COST = 8
 
-
-def text_cut(n_chars: int, position: int, main_tokens: int) -> int:
-    """Characters of the text generated after `position` tokens (proportional estimate)."""
-    if main_tokens <= 0:
-        return n_chars
-    return min(n_chars, n_chars * position // main_tokens)
+__all__ = ["PROBE_PROMPT_COST", "ProbeTable", "SignalColumns", "build_table", "text_cut"]
 
 
 def _is_word(ch: str, dot: bool = True) -> bool:
@@ -60,6 +60,26 @@ def first_answer_start(text: str, answer: str) -> tuple[int, int] | None:
 
 
 @dataclass(slots=True)
+class SignalColumns:
+    """Trials, statements (flat, runs contiguous) and the end of thinking (per run)."""
+
+    tr_start: np.ndarray  # int64, n_runs + 1 offsets into the trial rows
+    tr_run: np.ndarray  # int64
+    tr_pos: np.ndarray  # int64
+    tr_key: np.ndarray  # int64 answer id, -1: no answer
+    tr_conf: np.ndarray  # float64
+    tr_decoded: np.ndarray  # int64
+    has_trials: np.ndarray  # bool per run: trials were recorded for it
+    st_start: np.ndarray  # int64, n_runs + 1 offsets into the statement rows
+    st_run: np.ndarray  # int64
+    st_pos: np.ndarray  # int64
+    st_key: np.ndarray  # int64 answer id
+    st_new: np.ndarray  # bool: the first statement of its answer in the run
+    te_pos: np.ndarray  # int64 per run: token position of `</think>`, -1: none
+    te_key: np.ndarray  # int64 per run: the last answer stated before it, -1: none
+
+
+@dataclass(slots=True)
 class ProbeTable:
     """Flat probe columns (one row a probe, runs contiguous) and per-run columns."""
 
@@ -79,10 +99,17 @@ class ProbeTable:
     verifications: np.ndarray  # int64
     main_tokens: np.ndarray  # int64, per run
     final_key: np.ndarray  # int64, per run: the answer id equal to the final answer, or -1
+    conf: np.ndarray  # float64, the probe's confidence (NaN: not measured)
+    events: list[TextEvents]  # per run: its statements and end of thinking
+    sig: SignalColumns
 
     @property
     def n_runs(self) -> int:
         return len(self.runs)
+
+    def observations(self, run: int) -> list[Observation]:
+        """The run's whole observation sequence, as the decision function reads it."""
+        return observations(self.runs[run], self.probes(run), self.events[run])
 
     def probes(self, run: int) -> tuple[ProbeObservation, ...]:
         """The run's probes carrying the text signals computed here (for `decide_cot`)."""
@@ -91,8 +118,8 @@ class ProbeTable:
             return self.runs[run].probes
         return tuple(
             ProbeObservation(
-                p.position, p.answer, p.hesitant, p.tokens,
-                TextSignals(
+                p.position, p.answer, p.hesitant, p.tokens, confidence=p.confidence,
+                signals=TextSignals(
                     think_closed=bool(self.think[lo + j]),
                     seen_share=float(self.seen[lo + j]),
                     hesitations=int(self.hesitations[lo + j]),
@@ -163,6 +190,7 @@ def build_table(runs: Sequence[ObservedRun]) -> ProbeTable:
     hesitant = np.zeros(n, bool)
     decoded = np.zeros(n, np.int64)
     key = np.full(n, -1, np.int64)
+    conf = np.full(n, np.nan, np.float64)
     think = np.zeros(n, np.float64)
     seen = np.zeros(n, np.float64)
     hes = np.zeros(n, np.int64)
@@ -172,9 +200,28 @@ def build_table(runs: Sequence[ObservedRun]) -> ProbeTable:
     final_key = np.full(len(runs), -1, np.int64)
     main_tokens = np.asarray([r.main_tokens for r in runs], np.int64)
     normalized: dict[str | None, str | None] = {}
+    events: list[TextEvents] = []
+    trial_rows: list[tuple[int, int, int, float, int]] = []
+    statement_rows: list[tuple[int, int, int, bool]] = []
+    te_pos = np.full(len(runs), -1, np.int64)
+    te_key = np.full(len(runs), -1, np.int64)
     for ri, run in enumerate(runs):
         lo, hi = int(run_start[ri]), int(run_start[ri + 1])
         ids: dict[str, int] = {}
+
+        def key_of(answer: str | None, ids: dict[str, int] = ids, ri: int = ri) -> int:
+            """The answer id of `answer` in this run (registered on first sight); -1: none."""
+            if answer not in normalized:
+                normalized[answer] = normalize_answer(answer)
+            k = normalized[answer]
+            if k is None:
+                return -1
+            if k not in ids:
+                ids[k] = len(key_answer)
+                key_answer.append(answer)  # type: ignore[arg-type]
+                key_run.append(ri)
+            return ids[k]
+
         raw_first: dict[str, tuple[int, int] | None] = {}
         text = run.text
         cuts = None
@@ -193,15 +240,9 @@ def build_table(runs: Sequence[ObservedRun]) -> ProbeTable:
             pos[i] = p.position
             hesitant[i] = p.hesitant
             decoded[i] = p.tokens
-            if p.answer not in normalized:
-                normalized[p.answer] = normalize_answer(p.answer)
-            k = normalized[p.answer]
-            if k is not None:
-                if k not in ids:
-                    ids[k] = len(key_answer)
-                    key_answer.append(p.answer)  # type: ignore[arg-type]
-                    key_run.append(ri)
-                key[i] = ids[k]
+            key[i] = key_of(p.answer)
+            if p.confidence is not None:
+                conf[i] = p.confidence
             if text is not None and cuts is not None and p.answer:
                 if p.answer not in raw_first:
                     raw_first[p.answer] = first_answer_start(text, p.answer)
@@ -209,6 +250,19 @@ def build_table(runs: Sequence[ObservedRun]) -> ProbeTable:
                 cut = int(cuts[j])
                 if first is not None and first[0] + len(p.answer) + first[1] <= cut:
                     seen[i] = (cut - first[0]) / cut
+        trial_rows += [(ri, t.position, key_of(t.answer),
+                        np.nan if t.confidence is None else t.confidence, t.tokens)
+                       for t in run.trials or ()]
+        ev = text_events(run)
+        events.append(ev)
+        stated: set[int] = set()
+        for st in ev.statements:
+            k = key_of(st.answer)
+            statement_rows.append((ri, st.position, k, k not in stated))
+            stated.add(k)
+        if ev.think_end is not None:
+            te_pos[ri] = ev.think_end.position
+            te_key[ri] = key_of(ev.think_end.answer)
         fk = normalize_answer(run.final_answer)
         if fk is not None and fk in ids:
             final_key[ri] = ids[fk]
@@ -218,4 +272,26 @@ def build_table(runs: Sequence[ObservedRun]) -> ProbeTable:
         pos=pos, hesitant=hesitant, cost=decoded + PROBE_PROMPT_COST, decoded=decoded, key=key,
         key_answer=key_answer, key_run=np.asarray(key_run, np.int64), think=think, seen=seen,
         hesitations=hes, verifications=ver, main_tokens=main_tokens, final_key=final_key,
+        conf=conf, events=events,
+        sig=_signal_columns(len(runs), trial_rows, statement_rows,
+                            np.asarray([r.trials is not None for r in runs], bool), te_pos, te_key),
     )
+
+
+def _offsets(run_col: np.ndarray, n_runs: int) -> np.ndarray:
+    return np.searchsorted(run_col, np.arange(n_runs + 1))
+
+
+def _signal_columns(n_runs: int, trials: list[tuple[int, int, int, float, int]],
+                    statements: list[tuple[int, int, int, bool]], has_trials: np.ndarray,
+                    te_pos: np.ndarray, te_key: np.ndarray) -> SignalColumns:
+    tr = np.asarray(trials, np.float64).reshape(-1, 5)
+    st = np.asarray(statements, np.int64).reshape(-1, 4)
+    tr_run = tr[:, 0].astype(np.int64)
+    st_run = st[:, 0]
+    return SignalColumns(
+        tr_start=_offsets(tr_run, n_runs), tr_run=tr_run, tr_pos=tr[:, 1].astype(np.int64),
+        tr_key=tr[:, 2].astype(np.int64), tr_conf=tr[:, 3], tr_decoded=tr[:, 4].astype(np.int64),
+        has_trials=has_trials, st_start=_offsets(st_run, n_runs), st_run=st_run,
+        st_pos=st[:, 1], st_key=st[:, 2], st_new=st[:, 3].astype(bool), te_pos=te_pos,
+        te_key=te_key)

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy import Engine
 
+from dynasorctl.calibration.candidates import Recorded, with_recorded_probes
 from dynasorctl.calibration.evaluate import (
     Summary,
     check_schedule,
@@ -27,7 +28,12 @@ from dynasorctl.calibration.evaluate import (
 )
 from dynasorctl.calibration.grading import Grader, load_cache, save_cache
 from dynasorctl.calibration.metrics import Grades
-from dynasorctl.calibration.observed import ObservedProgram, ObservedRun, load_observations
+from dynasorctl.calibration.observed import (
+    ObservedProgram,
+    ObservedRun,
+    TraceData,
+    load_trace_files,
+)
 from dynasorctl.calibration.policyfile import (
     dump_policy_file,
     read_policy_file,
@@ -40,6 +46,7 @@ from dynasorctl.calibration.search import (
     SCHEDULES,
     Target,
     calibrate_cot,
+    split_by_group,
 )
 from dynasorctl.calibration.store_source import load_programs, load_runs, save_policy
 from dynasorctl.calibration.table import build_table
@@ -93,15 +100,20 @@ class _Source:
     records: str  # what its records are, for messages: "traces", "probed requests", ...
     engine: Engine | None = None  # the store, when calibrating from it
     notes: list[str] = field(default_factory=list)
+    traces: TraceData | None = None  # what the trace files hold besides the runs
 
 
-def _observations(traces: list[Path] | None, db: str | None, model: str,
-                  kind: Kind | None) -> _Source:
+def _observations(traces: list[Path] | None, trials: list[Path] | None, db: str | None,
+                  model: str, kind: Kind | None) -> _Source:
     if traces and db is not None:
         raise UserError("give recorded traces (--traces) or a store (--db), not both")
     if not traces:
+        if trials:
+            raise UserError("--trials goes with the trace files they were recorded for "
+                            "(--traces FILE), not with a store")
         return _from_store(db, model, kind or Kind.cot)
-    data = load_observations(traces)
+    loaded = load_trace_files(traces, trials or ())
+    data = loaded.data
     found = "sc" if isinstance(data[0], ObservedProgram) else "cot"
     if kind is not None and kind.value != found:
         raise UserError(f"--kind {kind.value}, but the trace files hold "
@@ -110,7 +122,8 @@ def _observations(traces: list[Path] | None, db: str | None, model: str,
         data = [d for d in data if d.model == model]  # type: ignore[assignment]
         if not data:
             raise UserError(f"no records of model {model!r} in the trace files")
-    return _Source(data, ", ".join(p.name for p in traces), "traces")
+    names = ", ".join(p.name for p in traces + (trials or []))
+    return _Source(data, names, "traces", notes=list(loaded.notes), traces=loaded)
 
 
 def _from_store(db: str | None, model: str, kind: Kind) -> _Source:
@@ -134,6 +147,16 @@ def _from_store(db: str | None, model: str, kind: Kind) -> _Source:
     return src
 
 
+def _recorded(src: _Source, recorded_interval: int) -> Recorded:
+    """What the calibration data holds beyond probes, for the candidates and the policy."""
+    runs = src.data
+    return Recorded(
+        interval=recorded_interval,
+        text=bool(runs) and all(isinstance(r, ObservedRun) and r.text for r in runs),
+        probe=src.traces.probe if src.traces is not None else None,
+        trials=src.traces.trials if src.traces is not None else None)
+
+
 def _check_enough(src: _Source, target: Target, alpha: float) -> None:
     """A store too small for the target fails with how many problems it needs."""
     assert src.engine is not None
@@ -152,6 +175,9 @@ def _check_enough(src: _Source, target: Target, alpha: float) -> None:
 def calibrate(
     traces: Annotated[list[Path] | None, typer.Option(
         "--traces", help="recorded trace file to calibrate on (repeatable)")] = None,
+    trials: Annotated[list[Path] | None, typer.Option(
+        "--trials", help="trials recorded for those traces (repeatable; joined by trace_id): "
+        "adds the policies that take trials at transition words (DEER)")] = None,
     db: Annotated[str | None, typer.Option(
         "--db", help="calibrate on the observation store at this SQLAlchemy URL (the default "
         "without --traces: $DYNASOR_DB_URL, else ~/.local/share/dynasor/dynasor.db); the "
@@ -185,7 +211,7 @@ def calibrate(
     """Find the policy that saves the most compute with the damage bounded (95%), held out."""
     started = time.perf_counter()
     alpha = 0.05
-    src = _observations(traces, db, model, kind)
+    src = _observations(traces, trials, db, model, kind)
     data = src.data
     target = make_target(data, max_accuracy_drop, max_answer_change, max_answers_lost)
     if src.engine is not None:
@@ -216,8 +242,9 @@ def calibrate(
             progress("reading probes and text signals", 0, 1)
             table = build_table(data)  # type: ignore[arg-type]
             progress("reading probes and text signals", 1, 1)
+            recorded = _recorded(src, recorded_interval=recorded)
             cal = calibrate_cot(Replayer(table), Grades(table, grader), [d.group for d in data],
-                                target, seed, alpha, progress)
+                                target, seed, alpha, progress, recorded)
         else:
             cal = calibrate_sc(data, grader, target, seed, alpha, progress)  # type: ignore[arg-type]
     _keep(cache, grader)
@@ -230,7 +257,10 @@ def calibrate(
     rec = cal.recommended
     console.print(f"[bold green]recommended:[/] {rec.candidate.name}: "
                   f"{pts(rec.holdout.net_saved)}% net saved held out; " + _damage_text(rec, target))
-    policy = PolicyFile(kind=found, model=model, **{found: rec.candidate.policy},
+    chosen = rec.candidate.policy
+    if found == "cot":
+        chosen = with_recorded_probes(chosen, _recorded(src, probe_interval(data)))  # type: ignore[arg-type]
+    policy = PolicyFile(kind=found, model=model, **{found: chosen},
                         provenance=provenance(cal, target, src.description, seed))
     if out is not None:
         write_policy_file(out, policy)
@@ -272,6 +302,15 @@ def evaluate(
     traces: Annotated[Path, typer.Option("--traces", help="recorded trace file")],
     policy: Annotated[Path, typer.Option("--policy", help="policy file (TOML)")],
     out: Annotated[Path, typer.Option("--out", help="write one JSON decision a line here")],
+    trials: Annotated[list[Path] | None, typer.Option(
+        "--trials", help="trials recorded for the traces (repeatable; joined by trace_id)")
+    ] = None,
+    held_out: Annotated[bool, typer.Option(
+        "--held-out", help="only the problems `calibrate --seed S` held out of these traces "
+        "(S: --seed, else the policy's provenance seed): problems the calibration never saw")
+    ] = False,
+    seed: Annotated[int | None, typer.Option(
+        help="with --held-out: the calibration's seed", show_default=False)] = None,
     workers: Annotated[int, typer.Option(
         help="processes for the slow math-aware answer checks")] = min(2, os.cpu_count() or 1),
     cache_dir: Annotated[Path | None, typer.Option(
@@ -280,11 +319,16 @@ def evaluate(
     """Apply one policy to every record of a trace file, as the proxy would decide."""
     started = time.perf_counter()
     pf = read_policy_file(policy)
-    data = load_observations([traces])
+    loaded = load_trace_files([traces], trials or ())
+    data = loaded.data
     kind = "sc" if isinstance(data[0], ObservedProgram) else "cot"
     if pf.kind != kind:
         raise UserError(f"{policy} is a {KIND_NAMES[pf.kind]} policy but {traces} holds "
                         f"{KIND_NAMES[kind]} records")
+    for line in loaded.notes:
+        console.print(f"[yellow]note:[/] {line}")
+    if held_out:
+        data = _held_out(data, pf, seed)
     cache = (cache_dir or default_cache_dir()) / "answer-checks.json"
     with Grader(workers=max(1, workers), known=load_cache(cache)) as grader, _progress() as bar:
         task = bar.add_task("applying the policy", total=len(data))
@@ -293,7 +337,8 @@ def evaluate(
             bar.update(task, completed=done, total=total)
 
         if kind == "cot":
-            decisions, summary = evaluate_cot(data, pf, grader, progress)  # type: ignore[arg-type]
+            decisions, summary = evaluate_cot(data, pf, grader, progress,  # type: ignore[arg-type]
+                                              trials=loaded.trials)
         else:
             decisions, summary = evaluate_sc(data, pf, grader, progress)  # type: ignore[arg-type]
     try:
@@ -309,6 +354,23 @@ def evaluate(
                       "which no record in the file is from: nothing was stopped")
     console.print(f"{len(decisions)} decisions written to {out} "
                   f"({time.perf_counter() - started:.1f} s)")
+
+
+def _held_out(data: list, pf: PolicyFile, seed: int | None) -> list:
+    """The records of the problems a calibration with this seed held out of `data`."""
+    if seed is None:
+        recorded = pf.provenance.get("seed")
+        if not isinstance(recorded, int) or isinstance(recorded, bool):
+            raise UserError("--held-out needs the calibration's seed: the policy's provenance "
+                            "has none, give --seed")
+        seed = recorded
+    tune = split_by_group([d.group for d in data], seed)
+    kept = [d for d, t in zip(data, tune) if not t]
+    if not kept:
+        raise UserError("no problem is held out: the traces hold fewer than two problems")
+    console.print(f"evaluating the {len({d.group for d in kept})} problems held out by seed "
+                  f"{seed} ({len(kept)} of {len(data)} records)")
+    return kept
 
 
 def register(app: typer.Typer) -> None:

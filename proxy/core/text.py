@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from proxy.core.certaindex import close_brace
+from proxy.core.certaindex import close_brace, normalize_answer
 
 THINK_END = "</think>"
 
@@ -91,8 +91,9 @@ class Statement:
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # "the answer is", "final answer should be", "answer would be:" ...; the answer follows.
-_SAID = re.compile(r"(?<![A-Za-z])answer\s+(?:is|should\s+be|would\s+be|will\s+be)"
-                   r"(?![A-Za-z])\s*:?[ \t]*", re.IGNORECASE)
+# (Not preceded by a letter: checked apart, since a lookbehind first makes the search slow.)
+_SAID = re.compile(r"answer\s+(?:is|should\s+be|would\s+be|will\s+be)(?![A-Za-z])\s*:?[ \t]*",
+                   re.IGNORECASE)
 # Where a stated answer ends: a full stop before a space or line break, a comma, a
 # semicolon, a line break, or a word such as "but"; a question mark or "!" means doubt.
 _STATED_END = re.compile(r"\.(?=\s)|[,;\n?!]|\s(?:but|so|since|because|which|and|or|as|"
@@ -129,12 +130,14 @@ def answer_statements(text: str) -> list[Statement]:
     found: list[Statement] = []
     for match in _BOXED.finditer(text):
         content, closed = close_brace(text[match.end():])
-        if closed and content.strip():
+        if closed and normalize_answer(content) is not None:
             found.append(Statement(match.start(), match.end() + len(content) + 1,
                                    content.strip()))
     for match in _SAID.finditer(text):
+        if match.start() and text[match.start() - 1].isascii() and text[match.start() - 1].isalpha():
+            continue
         stated = _stated(text, match.end())
-        if stated is not None:
+        if stated is not None and normalize_answer(stated[0]) is not None:
             found.append(Statement(match.start(), stated[1], stated[0]))
     found.sort(key=lambda s: (s.end, s.start))
     return found
@@ -146,16 +149,21 @@ def thinking(text: str) -> str | None:
     return None if at < 0 else text[:at]
 
 
-def think_end(text: str) -> tuple[int, str | None] | None:
+def think_end(text: str, statements: Sequence[Statement] | None = None,
+              ) -> tuple[int, str | None] | None:
     """(offset just past `</think>`, the last answer stated before it), or None if not written.
 
     The answer is exactly as written in the thinking; no text after `</think>` is read.
+    `statements`: `answer_statements(text)`, when already found (by causality, those
+    decided before `</think>` are the thinking's own).
     """
-    before = thinking(text)
-    if before is None:
+    at = text.find(THINK_END)
+    if at < 0:
         return None
-    statements = answer_statements(before)
-    return len(before) + len(THINK_END), (statements[-1].answer if statements else None)
+    if statements is None:
+        statements = answer_statements(text[:at])
+    inside = [s for s in statements if s.end <= at]
+    return at + len(THINK_END), (inside[-1].answer if inside else None)
 
 
 # --- transition words ("Wait"): where DEER takes its trials -----------------------------------

@@ -49,13 +49,15 @@ def test_evaluate_writes_one_decision_per_trace(calibrated: tuple[Path, str, Pat
     traces = read_records(PACKAGED_SAMPLE)
     assert [d["trace_id"] for d in decisions] == [t["trace_id"] for t in traces]
     for d, t in zip(decisions, traces):
-        assert set(d) == {"trace_id", "stop_token", "answer", "probes", "probe_tokens"}
+        assert set(d) == {"trace_id", "stop_token", "answer", "probes", "probe_tokens", "source"}
         if d["stop_token"] is None:
-            assert d["answer"] == t["final_answer"]
-        else:
+            assert d["answer"] == t["final_answer"] and d["source"] is None
+        elif d["source"] == "probe":
             probe = next(p for p in t["probes"] if p[0] == d["stop_token"])
-            assert d["stop_token"] <= t["completion_tokens"] and probe
-        assert d["probes"] >= (1 if d["stop_token"] is not None else 0)
+            assert d["stop_token"] < t["completion_tokens"] and probe
+            assert d["probes"] >= 1
+        else:  # the end of thinking: no trials were given
+            assert d["source"] == "text" and d["stop_token"] < t["completion_tokens"]
 
 
 def test_decisions_are_causal(calibrated: tuple[Path, str, Path], tmp_path: Path) -> None:

@@ -36,3 +36,21 @@ def test_replay_equals_first_stop_on_real_traces() -> None:
             index, _ = first_stop(policy, replayer.t.probes(r))
             want = -1 if index is None else int(replayer.t.run_start[r]) + index
             assert stops.row[r] == want
+
+
+COT_DEV_TRIALS = COT_DEV.with_name("cot-dev-trials.jsonl.gz")
+
+
+def test_replay_of_every_trigger_equals_first_stop_on_real_traces() -> None:
+    """300 real traces with their trials: the vectorised replay is the decision function."""
+    from dynasorctl.calibration.observed import load_trace_files
+    from dynasorctl.traces import PACKAGED_TRIALS
+    from tests.unit.test_replay_signals import check_policy, random_policy
+
+    trials = COT_DEV_TRIALS if COT_DEV.exists() else PACKAGED_TRIALS
+    rng = random.Random(4)
+    everything = load_trace_files([TRACES], [trials]).data
+    runs = rng.sample(everything, min(300, len(everything)))  # type: ignore[arg-type]
+    replayer = Replayer(build_table(runs))
+    stopped = sum(check_policy(replayer, random_policy(rng)) for _ in range(12))
+    assert stopped > 12 * len(runs) // 4
