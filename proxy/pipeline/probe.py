@@ -33,7 +33,9 @@ from proxy.pipeline.sse import SseReader
 from proxy.settings import Settings
 from proxy.upstream.base import Headers, Upstream, UpstreamError
 
-ProbeKind = Literal["periodic", "statement", "trial"]
+# What took a probe: the periodic schedule, an answer statement, a transition word (a
+# trial), or a self-consistency sample's check at the policy's `check_tokens`.
+ProbeKind = Literal["periodic", "statement", "trial", "check"]
 
 
 @dataclass(slots=True)
@@ -136,7 +138,8 @@ class Prober:
                             tokens += 1
                         if logprobs is not None and (text or part.get("logprobs") is not None):
                             got = token_logprobs(part, kind)
-                            logprobs = None if got is None else logprobs + got
+                            # text without its tokens' logprobs: the answer cannot be measured
+                            logprobs = None if got is None or (text and not got) else logprobs + got
                 if answer_complete("".join(parts), how.brace_open):
                     break  # the answer is complete; closing the response ends the decode
             return "".join(parts), tokens, logprobs
