@@ -138,7 +138,8 @@ def _from_store(db: str | None, model: str, kind: Kind) -> _Source:
                        f"self-consistency programs{of_model}", engine)
     found = load_runs(engine, scope)
     src = _Source(found.runs, f"store {url}: {len(found.runs)} probed requests, "
-                  f"{found.labelled} labelled", f"probed requests{of_model}", engine)
+                  f"{found.labelled} labelled", f"probed requests{of_model}", engine,
+                  traces=TraceData(found.runs, trials=found.trials))  # the trials it recorded
     if found.text_dropped:
         src.notes.append(
             f"{len(found.runs) - found.with_text} of {len(found.runs)} requests were stored "
