@@ -52,10 +52,12 @@ def _upper(events: np.ndarray, records: np.ndarray, alpha: float, lo: float = 0.
 
 
 def damage(problem: np.ndarray, changed: np.ndarray, labelled: np.ndarray, lost: np.ndarray,
-           gained: np.ndarray, alpha: float = 0.05, bounds: bool = True) -> Damage:
+           gained: np.ndarray, alpha: float = 0.05, bounds: bool = True,
+           run_level: bool = True) -> Damage:
     """The damage over these records; `problem[i]` is record i's rank from `problem_ranks`.
 
-    The other arguments are per-record booleans.
+    The other arguments are per-record booleans. `run_level`: also the run-level bounds
+    (shown for comparison only; not needed to order or certify).
     """
     size = int(problem.max()) + 1 if problem.size else 0
 
@@ -86,9 +88,10 @@ def damage(problem: np.ndarray, changed: np.ndarray, labelled: np.ndarray, lost:
         changed_upper=_upper(d_changed, n_present, alpha),
         lost_upper=_upper(d_lost, n_labelled, alpha) if labelled_problems else None,
         drop_upper=_upper(d_net, n_labelled, alpha, lo=-1.0) if labelled_problems else None,
-        changed_upper_runs=clopper_pearson_upper(int(changed.sum()), n_records, alpha),
+        changed_upper_runs=(clopper_pearson_upper(int(changed.sum()), n_records, alpha)
+                            if run_level else None),
         lost_upper_runs=(clopper_pearson_upper(int(lost.sum()), n_lab_records, alpha)
-                         if n_lab_records else None),
+                         if n_lab_records and run_level else None),
     )
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from math import gcd
 
 from dynasorctl.calibration.grading import Grader
@@ -27,6 +28,7 @@ class Summary:
     lost: int
     gained: int
     changed: int
+    sources: dict[str, int] = field(default_factory=dict)  # stops by where the answer came from
 
 
 def probe_interval(runs: Sequence[ObservedRun]) -> int:
@@ -97,8 +99,10 @@ def evaluate_cot(runs: Sequence[ObservedRun], policy: PolicyFile, grader: Grader
         decisions.append(record)
         if progress:
             progress(r + 1, len(runs))
-    return decisions, _summary(answers, len(runs), in_scope, stopped,
-                               (saved - cost) / total if total else 0.0, grader)
+    sources = Counter(d["source"] for d in decisions if d["source"] is not None)
+    summary = _summary(answers, len(runs), in_scope, stopped,
+                       (saved - cost) / total if total else 0.0, grader)
+    return decisions, replace(summary, sources=dict(sources))
 
 
 def evaluate_sc(programs: Sequence[ObservedProgram], policy: PolicyFile, grader: Grader,

@@ -159,10 +159,11 @@ def outcomes(table: ProbeTable, grades: Grades, stops: Stops, runs: np.ndarray) 
 
 
 def figures(table: ProbeTable, grades: Grades, stops: Stops, runs: np.ndarray,
-            alpha: float = 0.05, bounds: bool = True) -> Figures:
+            alpha: float = 0.05, bounds: bool = True, run_level: bool = True) -> Figures:
     """The figures of `stops` over the runs selected by the boolean mask `runs`.
 
-    `bounds`: compute the 95% bounds on damage (held out; the tuning split needs none).
+    `bounds`: compute the 95% bounds on damage (held out; on the tuning split only to order
+    the testing, and without the run-level ones: `run_level`).
     """
     out = outcomes(table, grades, stops, runs)
     n = int(runs.sum())
@@ -192,5 +193,5 @@ def figures(table: ProbeTable, grades: Grades, stops: Stops, runs: np.ndarray,
         accuracy_full=right_full / n_lab if n_lab else None,
         accuracy_policy=(right_full - lost + gained) / n_lab if n_lab else None,
         damage=damage(grades.problem[runs], out.changed, out.labelled, out.lost, out.gained,
-                      alpha, bounds),
+                      alpha, bounds, run_level),
     )

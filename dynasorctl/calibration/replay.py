@@ -237,7 +237,10 @@ class Replayer:
         hits = [said, self.periodic_hits(policy), triggers.trial_hits(t, policy, trial_rows),
                 triggers.think_hits(t, policy)]
         stop = triggers.earliest(t.n_runs, hits)
-        rows = np.union1d(self.used(policy).rows, said_rows)  # each probe taken costs once
+        taken_rows = np.zeros(len(t.pos), bool)  # each probe taken costs once
+        taken_rows[self.used(policy).rows] = True
+        taken_rows[said_rows] = True
+        rows = np.flatnonzero(taken_rows)
         m = triggers.span(t)
         n_p, cost_p = triggers.cost_upto(t.run_of[rows], t.pos[rows], t.cost[rows], t.n_runs,
                                          stop, 1, m)

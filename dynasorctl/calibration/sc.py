@@ -1,4 +1,4 @@
-"""Self-consistency: replay entropy-certaindex policies over recorded programs.
+"""Self-consistency: replay stopping policies (entropy certaindex, the Beta rule) over programs.
 
 Samples are drawn in their recorded order. At each step the policy reads every
 sample's answer at its check point (a probe at `check_tokens`, or the final answer)
@@ -124,22 +124,30 @@ def sc_figures(programs: Sequence[ObservedProgram], policy: ScPolicy | None, gra
     )
 
 
+# The rules searched and their thresholds: entropy certaindex (the paper), and the Beta
+# rule's probability that the leading answer leads (Adaptive-Consistency uses 0.95).
+SC_THRESHOLDS = {"entropy": (0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+                 "beta": (0.75, 0.8, 0.85, 0.9, 0.95, 0.99)}
+SC_LABEL = {"entropy": "ci", "beta": "lead"}
+
+
 def sc_candidates(max_samples: int) -> list[tuple[str, ScPolicy | None]]:
-    """The baselines (every sample; the default policy) and a grid of certaindex policies."""
+    """The baselines (every sample; the default policy) and a grid of policies of each rule."""
     default = ScPolicy(max_samples=max_samples)
     out: list[tuple[str, ScPolicy | None]] = [("all samples", None),
                                               (DEFAULT_NAME, default)]
-    for check in (None, 512, 1024, 2048):
-        for threshold in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
-            for lo in (2, 3, 4, 5):
-                if lo >= max_samples:
-                    continue
-                policy = ScPolicy(threshold=threshold, check_tokens=check, min_samples=lo,
-                                  max_samples=max_samples)
-                if policy == default:
-                    continue
-                where = "final" if check is None else f"@{check}"
-                out.append((f"ci>={threshold} min{lo} {where}", policy))
+    for rule, thresholds in SC_THRESHOLDS.items():
+        for check in (None, 512, 1024, 2048):
+            for threshold in thresholds:
+                for lo in (2, 3, 4, 5):
+                    if lo >= max_samples:
+                        continue
+                    policy = ScPolicy(rule=rule, threshold=threshold,  # type: ignore[arg-type]
+                                      check_tokens=check, min_samples=lo, max_samples=max_samples)
+                    if policy == default:
+                        continue
+                    where = "final" if check is None else f"@{check}"
+                    out.append((f"{SC_LABEL[rule]}>={threshold} min{lo} {where}", policy))
     return out
 
 
@@ -154,11 +162,22 @@ def calibrate_sc(programs: Sequence[ObservedProgram], grader: Grader, target: Ta
     cands = sc_candidates(max_samples)
     evaluated = []
     for i, (name, policy) in enumerate(cands):
+        # With bounds: the tuning bounds order the testing (`Target.order`); programs are few.
         evaluated.append(Evaluated(Candidate(name, policy),
-                                   sc_figures(tune, policy, grader, alpha, bounds=False)))
+                                   sc_figures(tune, policy, grader, alpha)))
         if progress:
             progress("replaying candidates", i + 1, len(cands))
+    previous = previous_sc(evaluated, target)
     certify(evaluated, lambda e: sc_figures(holdout, e.candidate.policy, grader, alpha),
-            target, alpha, baselines=2)
-    return finish(evaluated, len(tune), len(holdout), len({p.group for p in tune}),
-                  len({p.group for p in holdout}), alpha)
+            target, alpha, baselines=2, also=[] if previous is None else [previous])
+    cal = finish(evaluated, len(tune), len(holdout), len({p.group for p in tune}),
+                 len({p.group for p in holdout}), alpha)
+    cal.previous = None if previous is None else evaluated[previous]
+    return cal
+
+
+def previous_sc(evaluated: list[Evaluated], target: Target) -> int | None:
+    """The entropy-rule candidate (the previous family) the tuning split rates best in target."""
+    fits = [i for i, e in enumerate(evaluated[2:], 2) if e.candidate.policy.rule == "entropy"
+            and target.order(e.tune) <= 1.0 and e.tune.net_saved > 0]
+    return max(fits, key=lambda i: evaluated[i].tune.net_saved) if fits else None

@@ -289,7 +289,7 @@ def calibrate_cot(replayer: Replayer, grades: Grades, groups: Sequence[str], tar
     # within the target could pass, so only theirs are computed.
     hopeful = [e for e in evaluated[2:] if e.tune.net_saved > 0 and target.load(e.tune) <= 1.0]
     for i, e in enumerate(hopeful):
-        e.tune = figures(table, grades, stops[e.candidate.name], tune, alpha)
+        e.tune = figures(table, grades, stops[e.candidate.name], tune, alpha, run_level=False)
         if progress:
             progress("bounding the tuning split", i + 1, len(hopeful))
 

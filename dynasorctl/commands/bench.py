@@ -141,17 +141,28 @@ def enforce(
     from rich.table import Table
 
     from dynasorctl.bench import enforce_bench
+    from dynasorctl.calibration.evaluate import check_trials
     from dynasorctl.calibration.policyfile import read_policy_file
     from dynasorctl.traces import TraceFileError, load_cot, load_sc
+    from dynasorctl.trials import load_trials
 
     pf = read_policy_file(policy)
     try:
         records = load_sc(traces) if pf.kind == "sc" else load_cot(traces)
+        recorded = load_trials(trials) if trials else None
     except TraceFileError as exc:
         raise UserError(f"{exc} (the policy is a {pf.kind} policy)") from exc
-    if trials and pf.kind == "sc":
-        raise UserError("--trials goes with chain-of-thought traces, not self-consistency programs")
+    if recorded is not None and pf.kind == "sc":
+        raise UserError("trial files go with chain-of-thought traces, not self-consistency "
+                        "programs")
     records = records[:limit] if limit else records
+    if pf.cot is not None:
+        check_trials(pf.cot, recorded.setup if recorded is not None else None)
+        missing = [t.trace_id for t in records  # type: ignore[union-attr]
+                   if recorded is not None and t.trace_id not in recorded.by_trace]
+        if missing:
+            raise UserError(f"trace {missing[0]} has no trials in "
+                            f"{', '.join(map(str, trials or []))} ({len(missing)} traces lack them)")
     console = Console()
     with Progress(console=console) as bar:
         task = bar.add_task("through the enforcing proxy", total=len(records))

@@ -291,6 +291,9 @@ def _summary_table(s: Summary, kind: str) -> Table:
     table.add_row(f"{unit} (in the policy's scope)", f"{s.runs} ({s.in_scope})")
     table.add_row("net compute saved", f"{pts(s.net_saved)}%")
     table.add_row(f"{unit} stopped early", f"{pts(s.stopped)}%")
+    if s.sources:
+        table.add_row("stopped at", ", ".join(f"{name} {s.sources[name]}" for name in
+                                              ("probe", "trial", "text") if name in s.sources))
     if s.labelled:
         table.add_row("accuracy, full → policy",
                       f"{pts(s.accuracy_full)}% → {pts(s.accuracy_policy)}%")

@@ -189,5 +189,12 @@ class CotPolicy(BaseModel):
         return bool(not self.periodic or self.min_confidence is not None or self.probe
                     or self.statement or self.transition or self.think_end)
 
+    @property
+    def triggers(self) -> frozenset[str]:
+        """The triggers the policy uses: periodic, statement, transition, think_end."""
+        on = {"periodic": self.periodic, "statement": self.statement is not None,
+              "transition": self.transition is not None, "think_end": self.think_end}
+        return frozenset(name for name, used in on.items() if used)
+
 
 PAPER_DEFAULT = CotPolicy()

@@ -5,6 +5,21 @@ same observations, in causal order, to `decide_cot`, which says whether the poli
 stops at the newest one. Which probes and trials a policy takes is decided here too
 (`probe_due`, `statement_due`, `taken`), so the proxy probes where the replay assumed
 it did, and a probe the policy would not have taken never influences a decision.
+
+Live, along one stream (positions are main tokens generated so far):
+
+- run `proxy.core.text` on the text so far: each new answer statement (inside the
+  thinking) becomes a `StatementObservation` at the position where it was complete;
+  `</think>` becomes a `ThinkEndObservation` with `think_end(text)`'s answer;
+- at each position, probe (with `policy.probe`'s settings) when `probe_due` or
+  `statement_due` says so: one probe, even when both do;
+- at each transition word (`text.transition_words`, `policy.transition.words`) while
+  fewer than `max_trials` trials were taken, take a trial of the text before the word
+  (`policy.transition.probe`'s settings; confidence from its logprobs) at the position
+  of the word's start;
+- after each new observation, call `decide_cot` on every observation up to it, in
+  causal order (`observations.causal_key`; a probe's answer arrives later than its
+  position, so observations after it in causal order must not be passed with it).
 """
 
 from __future__ import annotations

@@ -36,6 +36,8 @@ from proxy.upstream.base import Headers, Upstream, UpstreamError
 # What took a probe: the periodic schedule, an answer statement, a transition word (a
 # trial), or a self-consistency sample's check at the policy's `check_tokens`.
 ProbeKind = Literal["periodic", "statement", "trial", "check"]
+# The chain-of-thought triggers (`CotPolicy.triggers`) this proxy enforces: all of them.
+ENFORCED_TRIGGERS: frozenset[str] = frozenset({"periodic", "statement", "transition", "think_end"})
 
 
 @dataclass(slots=True)

@@ -37,7 +37,8 @@ def test_calibrate_with_trials_writes_a_policy_that_takes_them(tmp_path: Path) -
                              str(PACKAGED_TRIALS), "--max-accuracy-drop", "40", "--out",
                              str(policy)], tmp_path / "cache")
     assert exc is None and code == 0, out
-    assert "never stop" in out and "paper default" in out and "trial>=" in out
+    assert "never stop" in out and "paper default" in out and "(previous best)" in out
+    assert "trial>=" in out
     pf = load_policy_file(policy)
     assert pf.version == 2 and pf.cot is not None
     rule = pf.cot.transition
@@ -193,3 +194,16 @@ def test_a_trial_policy_needs_matching_trials(tmp_path: Path) -> None:
     assert "at most 30" in user_error([*base, "--trials", str(PACKAGED_TRIALS)], tmp_path)
     policy.write_text(DEER + '[cot.transition.probe]\nsuffix = "Answer:"\nlogprobs = true\n')
     assert "suffix 'Answer:'" in user_error([*base, "--trials", str(PACKAGED_TRIALS)], tmp_path)
+
+
+def test_evaluate_counts_stops_by_source(tmp_path: Path) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text(DEER)
+    out = tmp_path / "o.jsonl"
+    code, text, _ = invoke(["evaluate", "--traces", str(PACKAGED_SAMPLE), "--trials",
+                            str(PACKAGED_TRIALS), "--policy", str(policy), "--out", str(out)],
+                           tmp_path / "cache")
+    decisions = [json.loads(line) for line in out.read_text().splitlines()]
+    trials = sum(d["source"] == "trial" for d in decisions)
+    texts = sum(d["source"] == "text" for d in decisions)
+    assert code == 0 and f"trial {trials}, text {texts}" in text

@@ -74,3 +74,28 @@ def test_every_new_trigger_enforced_decides_as_evaluate_predicted(tmp_path):
     assert abs(observed_saved - replayed_saved) <= 1.0
     # By the tokens really generated: the proxy reacts within a probe's round trip.
     assert abs(_row(out, "net saved")[-1] - evaluate_saved) <= 3.0
+
+
+def _bench_error(tmp_path, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dynasorctl", "bench", "enforce",
+                             "--traces", str(PACKAGED_SAMPLE), *args],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr
+
+
+def test_bench_enforce_checks_its_trials(tmp_path):
+    from tests.jsonl import read_records, write_records
+
+    deer = tmp_path / "deer.toml"
+    deer.write_text('version = 2\nkind = "cot"\n[cot]\nperiodic = false\n'
+                    '[cot.transition]\nmin_confidence = 0.999\n')
+    assert "give the trials" in _bench_error(tmp_path, "--policy", str(deer))
+    rows = read_records(PACKAGED_TRIALS)
+    short = write_records(tmp_path / "short.jsonl.gz", rows[1:])
+    assert f"trace {rows[0]['trace_id']} has no trials" in _bench_error(
+        tmp_path, "--policy", str(deer), "--trials", str(short))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    assert f"{bad}:1: not a trial record" in _bench_error(
+        tmp_path, "--policy", str(deer), "--trials", str(bad))

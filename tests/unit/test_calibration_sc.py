@@ -86,3 +86,17 @@ def test_candidates_hold_both_baselines() -> None:
     names = [name for name, _ in sc_candidates(8)]
     assert names[0] == "all samples" and names[1].startswith("default")
     assert len(names) == len(set(names)) and len(names) > 50
+
+
+def test_beta_rule_replays_as_decide_sc() -> None:
+    # Leader probabilities: 1-1 at two samples 0.5, 2-1 at three 0.69, 3-1 at four 0.81.
+    policy = ScPolicy(rule="beta", threshold=0.8, min_samples=2)
+    out = replay_program(program(["1", "2", "1", "1", "2"]), policy, Grader())
+    assert out.samples == 4 and out.answer == "1"
+    stricter = policy.model_copy(update={"threshold": 0.9})
+    assert replay_program(program(["1", "2", "1", "1", "2"]), stricter, Grader()).samples == 5
+
+
+def test_candidates_search_both_rules() -> None:
+    rules = {policy.rule for _, policy in sc_candidates(8) if policy is not None}
+    assert rules == {"entropy", "beta"}

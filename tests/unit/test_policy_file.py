@@ -52,8 +52,8 @@ def test_defaults_fill_absent_fields() -> None:
     ('version = 2\nkind = "cot"\n[cot.transition]\nmin_confidence = 1.5\n',
      "cot.transition.min_confidence"),
     ('version = 2\nkind = "cot"\n[cot.transition]\nagree = 2\n', "go together"),
-    ('version = 2\nkind = "cot"\n[cot.transition]\nmin_confidence = 0.9\n'
-     '[cot.transition.probe]\nlogprobs = false\n', "needs probe.logprobs"),
+    (('version = 2\nkind = "cot"\n[cot.transition]\nmin_confidence = 0.9\n'
+      '[cot.transition.probe]\nlogprobs = false\n'), "needs probe.logprobs"),
     ('version = 2\nkind = "sc"\n[sc]\nrule = "dirichlet"\n', "sc.rule"),
     ('version = 1\nkind = "cot"\n[cot]\nwindow = 0\n', "cot.window"),
     ('version = 1\nkind = "cot"\n[cot]\nwindwo = 3\n', "cot.windwo"),
