@@ -17,9 +17,9 @@ from dynasorctl.calibration.grading import Grader
 from dynasorctl.calibration.store_source import STORE_TRIALS, load_runs
 from dynasorctl.replay import serve_replay
 from dynasorctl.trials import load_trials
+from proxy.core.certaindex import normalize_answer
 from proxy.core.policy import parse_policy_file
 from proxy.core.text import token_position
-from proxy.core.certaindex import normalize_answer
 from proxy.pipeline.app import create_app
 from proxy.pipeline.equivalence import Equivalence
 from proxy.settings import Settings
