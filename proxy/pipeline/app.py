@@ -226,7 +226,10 @@ class ProxyApp:
                                            interval or self.settings.probe_interval, live=ex.member)
         await self._relay(scope, receive, send, raw, ex)
         if ex.probes is not None:
-            await ex.probes.close(ex.observer.live_choice(0) if ex.observer else None)
+            try:
+                await ex.probes.close(ex.observer.live_choice(0) if ex.observer else None)
+            except Exception:  # a bug in the probes must not lose the request's record
+                log.exception("closing the probes of request %s failed", ex.request_id)
         self._after(scope, ex)
 
     def _after(self, scope: Scope, ex: Exchange) -> None:

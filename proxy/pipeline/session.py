@@ -112,6 +112,7 @@ class ProbeSession:
         self._seq = 0
         self._periodic = 0  # periodic probes taken (the policy's `max_probes`)
         self._ended = False
+        self._failed = False  # a bug stopped the watching (logged): record what was seen
         self._obs: list[Observation] = []  # resolved observations, in causal order
         self._decided = 0  # how many of them were put to the decision function
         self.results: list[ProbeResult] = []
@@ -135,15 +136,19 @@ class ProbeSession:
 
     def on_tokens(self, choice: ChoiceText) -> None:
         """Observer callback: read the new tokens, take what is due, decide what can be."""
-        if self.stop is not None:
+        if self.stop is not None or self._failed:
             return
-        self._consume(choice)
-        position = self._text.tokens
-        if self._think.at is None:
-            self._watch_text(position)
+        try:
+            self._consume(choice)
+            position = self._text.tokens
             if self._think.at is None:
-                self._probe_at(position)
-        self._decide()
+                self._watch_text(position)
+                if self._think.at is None:
+                    self._probe_at(position)
+            self._decide()
+        except Exception:  # a bug here must not break the client's stream: stop watching
+            log.exception("watching the stream failed; no more probes for this request")
+            self._failed = True
 
     def _consume(self, choice: ChoiceText) -> None:
         for i in range(self._read, len(choice.content)):
@@ -176,7 +181,8 @@ class ProbeSession:
         if position <= 0:
             return
         stated = None
-        if policy is not None and policy.statement is not None:
+        if policy is not None and policy.statement is not None and (
+                position % policy.statement.align == 0):
             stated = statement_due(policy, self._obs, position)
         due = policy is not None and probe_due(policy, position)
         on_policy = due and (policy is not None and (
@@ -209,11 +215,15 @@ class ProbeSession:
             self._task = asyncio.create_task(self._work())
 
     async def _work(self) -> None:
-        while self._waiting and self.stop is None:
+        while self._waiting and self.stop is None and not self._failed:
             self._running = heapq.heappop(self._waiting)
             await self._run(self._running)
             self._running = None
-            self._decide()
+            try:
+                self._decide()
+            except Exception:
+                log.exception("deciding on a probe failed; no more probes for this request")
+                self._failed = True
 
     async def _run(self, job: _Job) -> None:
         metrics = self._prober.metrics
@@ -268,7 +278,7 @@ class ProbeSession:
         return min(keys) if keys else None
 
     def _decide(self) -> None:
-        if self.policy is None or self.stop is not None:
+        if self.policy is None or self.stop is not None or self._decided == len(self._obs):
             return
         horizon = self._horizon()
         while self._decided < len(self._obs):
@@ -287,7 +297,7 @@ class ProbeSession:
         """The main request has ended: cancel the probe in flight; a shadow decides what it saw."""
         self._ended = True  # nothing more is taken
         if choice is not None and self.policy is not None and self.stop is None \
-                and self._think.at is None:
+                and self._think.at is None and not self._failed:
             self._consume(choice)
             self._watch_text(self._text.tokens)  # the end of thinking in the last tokens
         if self._task is not None and not self._task.done():
@@ -303,5 +313,5 @@ class ProbeSession:
                                                 kind=job.kind, trigger_position=job.trigger))
         self._running = None
         self._waiting.clear()
-        if not self.enforcing:
+        if not self.enforcing and not self._failed:
             self._decide()
