@@ -182,3 +182,32 @@ async def test_live_decision_is_the_replayed_one(tmp_path, name, how):
 def _events(raw: bytes) -> list[dict]:
     return [json.loads(b[6:]) for b in raw.split(b"\n\n")
             if b.startswith(b"data: ") and b != b"data: [DONE]"]
+
+
+async def test_end_of_thinking_stop_when_the_server_splits_the_reasoning_off(tmp_path):
+    """vLLM's and SGLang's reasoning parsers send the thinking in `reasoning_content` and eat
+    `</think>`: the first content token ends the thinking, and the stop writes the answer."""
+    thinking = ["Let ", "me ", "see", ", ", "so ", "the ", "answer ", "is ", "7", ".", " ", "Done", "."]
+    summary = ["\n\n", "The ", "answer ", "is ", "\\boxed{7}", "."] * 20
+    events = [{"id": "c1", "object": "chat.completion.chunk", "model": "m",
+               "choices": [{"index": 0, "delta": {"reasoning_content": p}, "finish_reason": None}]}
+              for p in thinking]
+    events += [{"id": "c1", "object": "chat.completion.chunk", "model": "m",
+                "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]}
+               for p in summary]
+    main = FakeResponse(200, list(SSE), sse(events), delay_s=0.002)
+    policy = _policy_file(tmp_path, CotPolicy(periodic=False, think_end=True))
+    app, _, sink, client = make(lambda call: main, mode="enforce", policy_file=policy,
+                                store_text=True)
+    async with app:
+        r = await client.post("/v1/chat/completions", json=chat_body(stream=True))
+    evs = _events(r.content)
+    content = "".join(c["delta"].get("content") or "" for e in evs for c in e["choices"])
+    assert content == "\n\n\n\n**Final Answer**\n\\boxed{7}"  # the first content token, then the answer
+    ext = next(e["dynasor"] for e in evs if "dynasor" in e)
+    assert (ext["source"], ext["answer"], ext["stop_token"]) == ("text", "7", len(thinking) + 1)
+    assert main.closed and main.sent < len(main.parts)
+    (record,) = sink.records
+    assert record.request["stop_source"] == "text" and record.probes == []
+    assert record.request["completion_text"].startswith("<think>\nLet me see")
+    assert "Done.\n</think>\n\n\n\n" in record.request["completion_text"]
