@@ -175,12 +175,15 @@ async def confidence_recorded(upstream: str, tmp_path: Path) -> None:
     assert {p.kind for p in measured} == {"periodic", "trial"}, [
         (p.kind, p.position, p.answer) for p in probes]
     words = {live.position(at): at for at in transition_words(text, NUMBERS)}
+    seen = []
     for p in measured:
         assert 0.0 < p.confidence <= 1.0
         trial = p.kind == "trial"
         prefix = text[: words[p.position]] if trial else text[: _chars(live, p.position)]
-        expected = await _direct_probe(upstream, body, prefix, settings, trial)
-        assert expected is not None and abs(expected - p.confidence) < 1e-3, (p.kind, p.position)
+        seen.append((p.kind, p.position, p.answer, p.confidence,
+                     await _direct_probe(upstream, body, prefix, settings, trial)))
+    # Greedy, but in bfloat16 and in other batches than the proxy's: close, not bit-equal.
+    assert all(direct is not None and abs(direct - got) < 0.02 for *_, got, direct in seen), seen
 
 
 def _chars(live: LiveText, tokens: int) -> int:

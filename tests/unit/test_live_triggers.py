@@ -77,8 +77,11 @@ def _reply(pieces: list[tuple[str, float]]) -> FakeResponse:
     return FakeResponse(headers=list(SSE), parts=sse(events))
 
 
-def scripted(delay_s: float = 0.004):
-    main = FakeResponse(200, list(SSE), chat_stream(PIECES), delay_s=delay_s)
+def scripted(delay_s: float = 0.004, pieces: list[str] = PIECES, answer_at=None):
+    """The upstream: `pieces` streamed, probes answered by `answer_at(position)`, trials by TRIALS."""
+    main = FakeResponse(200, list(SSE), chat_stream(pieces), delay_s=delay_s)
+    ends = [len("".join(pieces[: i + 1])) for i in range(len(pieces))]
+    answer_at = answer_at or _probe_answer
 
     def handler(call: Call):
         body = call.json()
@@ -88,7 +91,7 @@ def scripted(delay_s: float = 0.004):
                 answer, confidence = TRIALS[len(said) - len(INDUCER)]
                 return _reply(_tokens(answer, confidence, open_brace=False))
             prefix = said[: -len(DEFAULT_PROBE_SUFFIX)]
-            answer, confidence = _probe_answer(ENDS.index(len(prefix)) + 1)
+            answer, confidence = answer_at(ends.index(len(prefix)) + 1)
             return _reply(_tokens(answer, confidence, open_brace=True))
         if body.get("max_tokens") == 1 and body.get("stream") is False:
             usage = {"prompt_tokens": 17, "completion_tokens": 1, "total_tokens": 18}
@@ -211,3 +214,33 @@ async def test_end_of_thinking_stop_when_the_server_splits_the_reasoning_off(tmp
     assert record.request["stop_source"] == "text" and record.probes == []
     assert record.request["completion_text"].startswith("<think>\nLet me see")
     assert "Done.\n</think>\n\n\n\n" in record.request["completion_text"]
+
+
+@pytest.mark.parametrize("name", ["periodic", "statement", "trial confidence", "end of thinking"])
+async def test_what_comes_after_the_stop_changes_no_live_decision(tmp_path, name):
+    """Causality, live: every token and probe answer after the stop rewritten (after the word,
+    for a trial: its trigger), same decision."""
+    policy = POLICIES[name]
+    seq = observations(recorded_run())
+    index, decision = first_stop(policy, seq)
+    assert index is not None
+    stop = seq[index].position
+    cut = stop
+    if decision.source == "trial":  # a trial is taken once its word is written, with what follows
+        word = next(at for at in TRIALS if token_position(at, len(TEXT), TOKENS) == stop)
+        cut = token_position(word + len("wait") + 1, len(TEXT), TOKENS)
+    # After that: other words (no "wait", no `</think>`, no statement) and other answers.
+    pieces = PIECES[:cut] + ["other "] * (TOKENS - cut)
+
+    def answer_at(position: int) -> tuple[str, float]:
+        return _probe_answer(position) if position <= cut else ("99", 0.99999)
+
+    main, handler = scripted(pieces=pieces, answer_at=answer_at)
+    app, _, sink, client = make(handler, mode="shadow", policy_file=_policy_file(tmp_path, policy),
+                                probe_interval=INTERVAL)
+    async with app:
+        await client.post("/v1/chat/completions", json=chat_body(stream=True))
+    (record,) = sink.records
+    req = record.request
+    assert (req["decision_token"], req["decision_answer"], req["stop_source"]) == (
+        stop, decision.answer, decision.source)
