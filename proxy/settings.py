@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     probe_max_tokens: int = Field(20, ge=1, description="most tokens a probe decodes")
     probe_temperature: float = Field(0.6, ge=0.0, description="probe sampling temperature (paper)")
     probe_top_p: float = Field(0.95, gt=0.0, le=1.0, description="probe nucleus sampling (paper)")
+    probe_logprobs: bool = Field(
+        True, description="probes ask for logprobs and record their answer's confidence")
+    trial_words: list[str] = Field(
+        ["wait"], description="observe and shadow (unless the policy sets its own): trials (DEER) "
+        "at these transition words; empty: none")
+    trial_max: int = Field(30, ge=0, description="trials at the first this many transition words")
     probe_concurrency: int = Field(8, ge=1, description="probes in flight at once, all requests")
     probe_max_per_request: int = Field(256, ge=1, description="most probes for one request")
     record_queue_size: int = Field(10_000, ge=1, description="records buffered for the store")
