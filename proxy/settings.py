@@ -1,7 +1,8 @@
 """Proxy settings: `DYNASOR_*` environment variables, an optional TOML file, then flags.
 
-Every setting is documented once, here; the README's table is generated from it
-(`dynasorctl observe --help` shows the flags that override them).
+Every setting is documented once, here; the documentation site's settings reference
+(docs/reference/settings.md) is generated from these fields by `dynasorctl.reference`
+when the site is built (`dynasorctl observe --help` shows the flags that override them).
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ class Settings(BaseSettings):
     affinity_header: str | None = Field(
         None, description="header a router in front of several replicas pins a session by "
         "(vLLM's router: X-Session-ID; SGLang's: X-SMG-Routing-Key), set on each request, its "
-        "samples and probes to its program or request id; unset: not sent"
+        "samples and probes, valued by the client's own value, else the program, else the "
+        "request id; unset: not sent"
     )
     connect_timeout_s: float = Field(5.0, gt=0, description="upstream connect timeout")
     read_timeout_s: float = Field(600.0, gt=0, description="longest silence from the upstream")
     host: str = Field("127.0.0.1", description="address the proxy listens on")
     port: int = Field(8080, ge=1, le=65535, description="port the proxy listens on")
-    db_url: str | None = Field(None, description="SQLAlchemy URL of the store (default: see README)")
+    db_url: str | None = Field(None, description="SQLAlchemy URL of the store "
+                                  "(default: sqlite:///$XDG_DATA_HOME/dynasor/dynasor.db)")
     store_text: bool = Field(False, description="store prompt and completion text, not only hashes")
     probe_rate: float = Field(1.0, ge=0.0, le=1.0, description="share of requests probed (0: off)")
     probe_interval: int = Field(64, ge=1, description="probe every this many generated tokens")
@@ -61,7 +64,8 @@ class Settings(BaseSettings):
     )
     mode: Literal["observe", "shadow", "enforce"] = Field(
         "observe", description="observe: measure only; shadow: also decide, change nothing; "
-        "enforce: stop streams the policy stops (for `enforce_percent` of programs)"
+        "enforce: stop streams the policy stops (for `enforce_percent` of programs); used when "
+        "the store holds no rollout state"
     )
     policy_file: str | None = Field(None, description="policy file (TOML) for shadow and enforce")
     enforce_percent: float = Field(

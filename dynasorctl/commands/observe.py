@@ -156,7 +156,7 @@ def observe(
         bool | None, typer.Option("--store-text/--no-store-text", help="Keep prompt and completion text, not only hashes.")
     ] = None,
     config: Annotated[
-        Path | None, typer.Option(help="TOML file of settings (keys as in the README's table).")
+        Path | None, typer.Option(help="TOML file of settings (keys as in the settings reference).")
     ] = None,
     mode: Annotated[
         str | None, typer.Option(help="observe | shadow | enforce [default: observe].")
