@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install engine test-deps bench-deps services demo test test-unit bench clean
+.PHONY: install engine test-deps bench-deps services demo docs test test-unit bench clean
 
 install: $(STAMP)
 
@@ -37,14 +37,19 @@ services:
 	bash scripts/postgres.sh
 	bash scripts/routers.sh
 
-test-unit: install test-deps bench-deps services
+# The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link or
+# an unknown reference marker. Offline: nothing is fetched at build time.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test-unit: install test-deps bench-deps services docs
 	$(BIN)/pytest -m "not engine" -q
 
-test: install engine test-deps bench-deps services
+test: install engine test-deps bench-deps services docs
 	$(BIN)/pytest -q
 
 bench: install bench-deps
 	$(BIN)/dynasorctl bench proxy
 
 clean:
-	rm -rf $(VENV) .venv-engine .venv-sglang .venv-router .cache
+	rm -rf $(VENV) .venv-engine .venv-sglang .venv-router .cache site

@@ -32,7 +32,7 @@ StoreTextOption = Annotated[
     bool | None, typer.Option("--store-text/--no-store-text", help="Keep prompt and completion text, not only hashes.")
 ]
 ConfigOption = Annotated[
-    Path | None, typer.Option(help="TOML file of settings (keys as in the README's table).")
+    Path | None, typer.Option(help="TOML file of settings (keys as in the settings reference).")
 ]
 ModeOption = Annotated[str | None, typer.Option(help="observe | shadow | enforce [default: observe].")]
 PolicyOption = Annotated[

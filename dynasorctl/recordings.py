@@ -2,16 +2,23 @@
 
 An index over the recorded problems; a recorded text cut into token-sized
 pieces; the token position a probe's text prefix stands at; and the reply a
-recording gives to a request or a probe. No I/O: the server is `replay.py`.
+recording gives to a request, a probe or a trial. No I/O: the server is `replay.py`.
+
+A trial (the text before a transition word, continued with the trial file's
+inducer) is answered from the trial file by where its word is in the text: the
+recorded answer, with a logprob on each of its tokens (the opening brace aside)
+whose mean probability is the recorded confidence.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dynasorctl.traces import CotTrace, ScProgram
+from dynasorctl.trials import Trials
 from proxy.core.policy import ProbeObservation
 
 # Appended to the answer of a probe recorded as uncertain, so the proxy's
@@ -27,6 +34,16 @@ _ANCHOR = 16
 
 
 @dataclass(frozen=True, slots=True)
+class RecordedTrial:
+    """One trial of a trial file, found by the character offset of its word."""
+
+    chars: int
+    answer: str | None
+    confidence: float
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class Recording:
     """One recorded completion: a chain-of-thought trace or one sample of a program."""
 
@@ -37,15 +54,25 @@ class Recording:
     prompt_tokens: int | None
     finish_reason: str
     probes: tuple[ProbeObservation, ...]  # by position
+    trials: dict[int, RecordedTrial] | None = None  # by character offset; None: none recorded
 
 
-def _recordings(record: CotTrace | ScProgram) -> list[Recording]:
+def _trials_of(record: CotTrace, trials: Trials | None) -> dict[int, RecordedTrial] | None:
+    if trials is None or record.trace_id not in trials.by_trace:
+        return None
+    return {c: RecordedTrial(c, t.answer, t.confidence or 0.0, t.tokens)
+            for t, c in zip(trials.by_trace[record.trace_id], trials.chars[record.trace_id])
+            if c is not None}
+
+
+def _recordings(record: CotTrace | ScProgram, trials: Trials | None = None) -> list[Recording]:
     def probes(observed: Sequence[ProbeObservation]) -> tuple[ProbeObservation, ...]:
         return tuple(sorted(observed, key=lambda p: p.position))
 
     if isinstance(record, CotTrace):
         return [Recording(record.model, record.seed, record.text, record.completion_tokens,
-                          record.prompt_tokens, record.finish_reason, probes(record.probes))]
+                          record.prompt_tokens, record.finish_reason, probes(record.probes),
+                          _trials_of(record, trials))]
     # Samples answer to their index as seed, so n=1 requests with seeds 0..7 see all eight.
     return [
         Recording(record.model, i, s.text, s.completion_tokens, None,
@@ -57,11 +84,13 @@ def _recordings(record: CotTrace | ScProgram) -> list[Recording]:
 class ReplayIndex:
     """Recordings grouped by distinct problem, built once at start-up."""
 
-    def __init__(self, records: Sequence[CotTrace] | Sequence[ScProgram]) -> None:
+    def __init__(self, records: Sequence[CotTrace] | Sequence[ScProgram],
+                 trials: Trials | None = None) -> None:
         self.by_problem: dict[str, list[Recording]] = {}
+        self.inducer = trials.setup.inducer if trials is not None else None
         for record in records:
             if record.problem.strip():
-                self.by_problem.setdefault(record.problem, []).extend(_recordings(record))
+                self.by_problem.setdefault(record.problem, []).extend(_recordings(record, trials))
         # Longest first: when one problem's text holds another's, the longer is the one asked.
         self.problems = sorted(self.by_problem, key=len, reverse=True)
         self.models = list(dict.fromkeys(r.model for r in records))
@@ -87,6 +116,7 @@ class Reply:
     pieces: list[str]
     completion_tokens: int
     finish_reason: str
+    logprobs: list[float] | None = None  # one a piece, where recorded (trials)
 
     @property
     def text(self) -> str:
@@ -146,6 +176,34 @@ def probe_reply(rec: Recording, position: int, max_tokens: int | None) -> Reply:
     if max_tokens is not None and len(pieces) > max_tokens:
         return Reply(pieces[:max_tokens], max_tokens, "length")
     return Reply(pieces, tokens, "stop")
+
+
+def trial_reply(trial: RecordedTrial | None, max_tokens: int | None) -> Reply:
+    """A trial's recorded answer after the opening brace it decodes first.
+
+    Its tokens after that brace carry log(confidence) each, so their mean probability is
+    the recorded confidence; a trial nobody recorded gets an empty answer and no logprobs.
+    """
+    if trial is None:
+        return Reply(["{", "}"], 2, "stop")
+    body = (trial.answer or "") + "}"
+    pieces = ["{", *split_pieces(body, max(1, min(trial.tokens - 1, len(body))))]
+    logprob = math.log(trial.confidence) if trial.confidence > 0 else -9999.0
+    reply = Reply(pieces, len(pieces), "stop", [0.0] + [logprob] * (len(pieces) - 1))
+    if max_tokens is not None and len(pieces) > max_tokens:
+        return Reply(pieces[:max_tokens], max_tokens, "length", (reply.logprobs or [])[:max_tokens])
+    return reply
+
+
+def trial_match(ranked: Sequence[Recording], s: str,
+                inducer: str | None) -> tuple[Recording, RecordedTrial | None] | None:
+    """(recording, its trial) when `s` is a recorded text's prefix continued with `inducer`."""
+    if not inducer or not s.endswith(inducer):
+        return None
+    rec, length, end = continued_text(ranked, s)
+    if rec.trials is None or end != len(s) - len(inducer):
+        return None
+    return rec, rec.trials.get(length)
 
 
 def _common_prefix(text: str, s: str, start: int) -> int:

@@ -8,9 +8,11 @@ check that each names everything the code has.
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +46,22 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _default(info: FieldInfo) -> str:
-    if info.default is not PydanticUndefined:
-        value = info.default
-    elif info.default_factory is not None:
-        value = info.default_factory()  # type: ignore[call-arg]
-    else:
-        return "required"
+def _shown(value: object) -> str:
+    """A default as a reader writes it: strings quoted, enums by value, models below."""
     if isinstance(value, BaseModel):
         return "see below"
+    if isinstance(value, Enum):
+        value = value.value
     return _code(repr(value) if isinstance(value, str) else value) if value is not None else "unset"
+
+
+def _default(info: FieldInfo) -> object:
+    """The field's default value, or `PydanticUndefined` when it is required."""
+    if info.default is not PydanticUndefined:
+        return info.default
+    if info.default_factory is not None:
+        return info.default_factory()  # type: ignore[call-arg]
+    return PydanticUndefined
 
 
 def _models(annotation: Any) -> list[type[BaseModel]]:
@@ -65,10 +73,21 @@ def _models(annotation: Any) -> list[type[BaseModel]]:
 
 def model_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
     """Every field of `model` and of the models inside it, by dotted name."""
+    for name, info, _ in _fields_with_defaults(model, prefix, None):
+        yield name, info
+
+
+def _fields_with_defaults(
+    model: type[BaseModel], prefix: str, instance: BaseModel | None
+) -> Iterator[tuple[str, FieldInfo, str]]:
+    """Each field by dotted name with its default as shown. Inside a model whose default is
+    an instance (a trial's probe settings), the defaults are that instance's values."""
     for name, info in model.model_fields.items():
-        yield prefix + name, info
+        value = getattr(instance, name) if instance is not None else _default(info)
+        yield prefix + name, info, "required" if value is PydanticUndefined else _shown(value)
         for inner in _models(info.annotation):
-            yield from model_fields(inner, f"{prefix}{name}.")
+            inside = value if isinstance(value, inner) else None
+            yield from _fields_with_defaults(inner, f"{prefix}{name}.", inside)
 
 
 def settings_table() -> str:
@@ -76,9 +95,9 @@ def settings_table() -> str:
     from proxy.settings import Settings
 
     rows = ["| setting | environment | default | meaning |", "|---|---|---|---|"]
-    for name, info in model_fields(Settings):
+    for name, info, default in _fields_with_defaults(Settings, "", None):
         env = "DYNASOR_" + name.split(".")[0].upper() if "." not in name else ""
-        rows.append(f"| `{name}` | {_code(env)} | {_default(info)} | {_cell(info.description or '')} |")
+        rows.append(f"| `{name}` | {_code(env)} | {default} | {_cell(info.description or '')} |")
     return "\n".join(rows)
 
 
@@ -87,8 +106,8 @@ def policy_table() -> str:
     from proxy.core.policy import PolicyFile
 
     rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
-    for name, info in model_fields(PolicyFile):
-        rows.append(f"| `{name}` | {_cell(_type_name(info.annotation))} | {_default(info)} | "
+    for name, info, default in _fields_with_defaults(PolicyFile, "", None):
+        rows.append(f"| `{name}` | {_cell(_type_name(info.annotation))} | {default} | "
                     f"{_cell(info.description or '')} |")
     return "\n".join(rows)
 
@@ -147,6 +166,8 @@ def cli_reference() -> str:
             else:
                 names = (p.name or "").upper()
             default = p.default if p.default not in (None, (), []) and not callable(p.default) else ""
+            if isinstance(default, Enum):
+                default = default.value
             if isinstance(default, Path):  # a file shipped with dynasor: not this machine's path
                 default = _shipped(default)
             if getattr(p, "is_flag", False) and not getattr(p, "secondary_opts", None) and default is False:
@@ -164,10 +185,22 @@ SECTIONS = {
 }
 
 
+# A marker stands on a line of its own, so prose can name one in backticks.
+MARKER = re.compile(r"^<!--\s*reference:([^\s>]*)\s*-->[ \t]*$", re.MULTILINE)
+
+
+class UnknownReference(ValueError):
+    """A page asks for a reference that does not exist (a typo would leave the page empty)."""
+
+
 def render(markdown: str) -> str:
-    """Replace each `<!-- reference:NAME -->` marker with that reference."""
-    for name, make in SECTIONS.items():
-        marker = f"<!-- reference:{name} -->"
-        if marker in markdown:
-            markdown = markdown.replace(marker, make())
-    return markdown
+    """Replace each `<!-- reference:NAME -->` line with that reference; an unknown NAME raises."""
+
+    def one(match: re.Match[str]) -> str:
+        name = match[1]
+        if name not in SECTIONS:
+            raise UnknownReference(f"unknown reference marker {match[0]!r}: "
+                                   f"known are {', '.join(SECTIONS)}")
+        return SECTIONS[name]()
+
+    return MARKER.sub(one, markdown)

@@ -3,8 +3,11 @@
 A request whose prompt holds a recorded problem gets that problem's recorded
 completion, streamed one token-sized piece a chunk in vLLM's wire format. A
 probe (the prompt continues with a prefix of the recorded text and a probe
-suffix) gets the answer recorded for the probe at that token position. So the
-proxy in front of it sees what it would see in front of the real model.
+suffix) gets the answer recorded for the probe at that token position; a trial
+(the text before a transition word continued with the trial file's inducer) the
+trial recorded at that word, with logprobs (when asked for) whose mean
+probability is its recorded confidence. So the proxy in front of it sees what it
+would see in front of the real model.
 
 The server is a plain ASGI app (`create_replay_app`) served by uvicorn: by the
 command (`replay_server`) or in-process (`serve_replay`) for the demo and tests.
@@ -41,8 +44,11 @@ from dynasorctl.recordings import (
     rough_tokens,
     token_position,
     trace_reply,
+    trial_match,
+    trial_reply,
 )
 from dynasorctl.traces import CotTrace, ScProgram
+from dynasorctl.trials import Trials
 from proxy.pipeline.exchange import read_body
 
 Scope = MutableMapping[str, Any]
@@ -90,6 +96,11 @@ class _Request(_Open):
     n: int = Field(1, ge=1, le=MAX_SAMPLES)
     seed: int | None = None
     max_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | int | None = None  # chat: true; completions: how many alternatives
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None and self.logprobs is not False
 
 
 class ChatRequest(_Request):
@@ -135,30 +146,46 @@ class _Wire:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices}
 
-    def _choice(self, index: int, text: str, finish: str | None, stream: bool) -> dict[str, Any]:
+    def _choice(self, index: int, text: str, finish: str | None, stream: bool,
+                tokens: Sequence[tuple[str, float]] | None = None) -> dict[str, Any]:
         if not self.chat:
             said: dict[str, Any] = {"text": text}
         elif stream:
             said = {"delta": {"content": text}}
         else:
             said = {"message": {"role": "assistant", "content": text}}
-        return {"index": index, **said, "logprobs": None, "finish_reason": finish,
-                "stop_reason": None}
+        return {"index": index, **said, "logprobs": self._logprobs(tokens),
+                "finish_reason": finish, "stop_reason": None}
+
+    def _logprobs(self, tokens: Sequence[tuple[str, float]] | None) -> dict[str, Any] | None:
+        """vLLM's logprobs of these tokens: `content[]` on chat, parallel lists on completions."""
+        if tokens is None:
+            return None
+        if self.chat:
+            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
+                                 "top_logprobs": []} for t, lp in tokens]}
+        offsets = [sum(len(t) for t, _ in tokens[:i]) for i in range(len(tokens))]
+        return {"text_offset": offsets, "token_logprobs": [lp for _, lp in tokens],
+                "tokens": [t for t, _ in tokens], "top_logprobs": [{t: lp} for t, lp in tokens]}
 
     def role_chunk(self, index: int) -> dict[str, Any]:
         choice = {"index": index, "delta": {"role": "assistant", "content": ""},
                   "logprobs": None, "finish_reason": None}
         return self._envelope("chat.completion.chunk", [choice])
 
-    def chunk(self, index: int, text: str, finish: str | None) -> dict[str, Any]:
+    def chunk(self, index: int, text: str, finish: str | None,
+              logprob: float | None = None) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._envelope(obj, [self._choice(index, text, finish, True)])
+        tokens = None if logprob is None else [(text, logprob)]
+        return self._envelope(obj, [self._choice(index, text, finish, True, tokens)])
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         return {**self.chunk(0, "", None), "choices": [], "usage": usage}
 
-    def body(self, replies: Sequence[Reply], usage: dict[str, int]) -> dict[str, Any]:
-        choices = [self._choice(i, r.text, r.finish_reason, False)
+    def body(self, replies: Sequence[Reply], usage: dict[str, int],
+             logprobs: bool = False) -> dict[str, Any]:
+        choices = [self._choice(i, r.text, r.finish_reason, False,
+                                list(zip(r.pieces, r.logprobs)) if logprobs and r.logprobs else None)
                    for i, r in enumerate(replies)]
         return {**self._envelope("chat.completion" if self.chat else "text_completion", choices),
                 "usage": usage}
@@ -185,6 +212,7 @@ class ReplayApp:
 
     def __init__(self, index: ReplayIndex, tokens_per_second: float = 0.0) -> None:
         self.index = index
+        self.unrecorded_trials = 0  # trials asked at a word the trial file has no trial for
         self.tokens_per_second = tokens_per_second
         self._routes: dict[tuple[str, str], Callable[[bytes], Awaitable[Response]]] = {
             ("GET", "/health"): self._health,
@@ -250,14 +278,21 @@ class ReplayApp:
                              f"(none of the {len(self.index.problems)} recorded problems is in it)")
         ranked = self.index.ranked(problem, req.model, req.seed)
         prompt = context + (continuation or "")
+        after = continuation if continuation is not None else (
+            None if chat else context[context.index(problem) + len(problem):])
+        trial = trial_match(ranked, after, self.index.inducer) if after is not None else None
         if continuation is not None:
             probe = probe_match(ranked, continuation, strict=False)
         elif not chat:
-            after = context[context.index(problem) + len(problem):]
-            probe = probe_match(ranked, after, strict=True)
+            probe = probe_match(ranked, after or "", strict=True)
         else:
             probe = None
-        if probe is not None:
+        if trial is not None:
+            rec, found = trial
+            self.unrecorded_trials += found is None
+            replies = [trial_reply(found, max_tokens)] * req.n
+            prompt_tokens = rough_tokens(prompt)
+        elif probe is not None:
             rec, length = probe
             position = token_position(length, len(rec.text), rec.completion_tokens)
             replies = [probe_reply(rec, position, max_tokens)] * req.n
@@ -272,17 +307,18 @@ class ReplayApp:
                  "total_tokens": prompt_tokens + completion}
         wire = _Wire(chat, rec.model)
         if not req.stream:
-            return await self._whole(wire, replies, usage)
+            return await self._whole(wire, replies, usage, req.wants_logprobs)
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        return self._stream(wire, replies, usage if include_usage else None)
+        return self._stream(wire, replies, usage if include_usage else None, req.wants_logprobs)
 
-    async def _whole(self, wire: _Wire, replies: list[Reply], usage: dict[str, int]) -> _Json:
+    async def _whole(self, wire: _Wire, replies: list[Reply], usage: dict[str, int],
+                     logprobs: bool) -> _Json:
         if self.tokens_per_second > 0:
             await asyncio.sleep(max(len(r.pieces) for r in replies) / self.tokens_per_second)
-        return _Json(200, wire.body(replies, usage))
+        return _Json(200, wire.body(replies, usage, logprobs))
 
-    async def _stream(self, wire: _Wire, replies: list[Reply],
-                      usage: dict[str, int] | None) -> AsyncGenerator[bytes, None]:
+    async def _stream(self, wire: _Wire, replies: list[Reply], usage: dict[str, int] | None,
+                      logprobs: bool) -> AsyncGenerator[bytes, None]:
         if wire.chat:
             for i in range(len(replies)):
                 yield _sse(wire.role_chunk(i))
@@ -293,7 +329,9 @@ class ReplayApp:
             for i, r in enumerate(replies):
                 if step < len(r.pieces):
                     last = step == len(r.pieces) - 1
-                    yield _sse(wire.chunk(i, r.pieces[step], r.finish_reason if last else None))
+                    logprob = r.logprobs[step] if logprobs and r.logprobs else None
+                    yield _sse(wire.chunk(i, r.pieces[step], r.finish_reason if last else None,
+                                          logprob))
             await self._pace(loop, start, step + 1)
         if usage is not None:
             yield _sse(wire.usage_chunk(usage))
@@ -308,9 +346,10 @@ class ReplayApp:
 
 
 def create_replay_app(records: Sequence[CotTrace] | Sequence[ScProgram],
-                      tokens_per_second: float = 0.0) -> ReplayApp:
-    """The replay upstream over `records` (as `dynasorctl.traces.load` returns them)."""
-    return ReplayApp(ReplayIndex(records), tokens_per_second)
+                      tokens_per_second: float = 0.0, trials: Trials | None = None) -> ReplayApp:
+    """The replay upstream over `records` (as `dynasorctl.traces.load` returns them) and the
+    trials recorded for them (`dynasorctl.trials.load_trials`), if any."""
+    return ReplayApp(ReplayIndex(records, trials), tokens_per_second)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
@@ -391,13 +430,13 @@ class _EmbeddedServer(uvicorn.Server):
 @contextlib.asynccontextmanager
 async def serve_replay(records: Sequence[CotTrace] | Sequence[ScProgram],
                        tokens_per_second: float = 0.0, host: str = "127.0.0.1",
-                       port: int = 0) -> AsyncIterator[str]:
+                       port: int = 0, trials: Trials | None = None) -> AsyncIterator[str]:
     """Serve the replay as a task on the running loop; yields its base URL once it accepts.
 
     Port 0 picks a free port. Streams still open on exit get a second to finish.
     """
     sock = bind_socket(host, port)
-    app = create_replay_app(records, tokens_per_second)
+    app = create_replay_app(records, tokens_per_second, trials)
     server = _EmbeddedServer(_config(app, sock, timeout_graceful_shutdown=1))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

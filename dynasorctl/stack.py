@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -72,14 +72,16 @@ def proxies(n: int, upstream: str, db: str, logs: Path) -> Iterator[list[str]]:
 
 @contextlib.contextmanager
 def replay_and_proxy(traces_file: Path, tokens_per_second: float, proxy_args: list[str],
-                     logs: Path) -> Iterator[tuple[str, str]]:
-    """The replay upstream on `traces_file` and the proxy in front of it: (replay, proxy) URLs."""
+                     logs: Path, trials: Sequence[Path] = ()) -> Iterator[tuple[str, str]]:
+    """The replay upstream on `traces_file` (and `trials`) and the proxy in front of it:
+    (replay, proxy) URLs."""
     logs.mkdir(parents=True, exist_ok=True)
     replay_port, proxy_port = free_port(), free_port()
     replay_url, proxy_url = f"http://127.0.0.1:{replay_port}", f"http://127.0.0.1:{proxy_port}"
+    with_trials = [arg for path in trials for arg in ("--trials", str(path))]
     with running(["replay", "--traces", str(traces_file), "--port", str(replay_port),
-                  "--tokens-per-second", str(tokens_per_second)], "replay upstream", replay_url,
-                 logs / "replay.log"):
+                  "--tokens-per-second", str(tokens_per_second), *with_trials], "replay upstream",
+                 replay_url, logs / "replay.log"):
         with running(["observe", "--upstream", replay_url, "--port", str(proxy_port), *proxy_args],
                      "proxy", proxy_url, logs / "proxy.log"):
             yield replay_url, proxy_url

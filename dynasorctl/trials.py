@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynasorctl.traces import TraceFileError, open_trace_file
@@ -56,6 +56,9 @@ class Trials:
 
     setup: TrialSetup
     by_trace: dict[str, tuple[ProbeObservation, ...]]
+    # The character offset in the trace's text of each trial's word, in `by_trace`'s order
+    # (None where not recorded): how `dynasorctl replay` finds the trial a probe asks for.
+    chars: dict[str, tuple[int | None, ...]] = field(default_factory=dict)
 
 
 def _trial(raw: object) -> ProbeObservation:
@@ -72,6 +75,10 @@ def _trial(raw: object) -> ProbeObservation:
                             confidence=float(confidence), trial=True)
 
 
+def _char(raw: list) -> int | None:
+    return raw[4] if len(raw) > 4 and isinstance(raw[4], int) and raw[4] >= 0 else None
+
+
 def _setup(raw: dict) -> TrialSetup:
     try:
         return TrialSetup(inducer=str(raw["inducer"]), trigger=str(raw["trigger"]),
@@ -85,6 +92,7 @@ def load_trials(paths: Sequence[str | Path]) -> Trials:
     """All records of these trial files; TraceFileError says which file and line is wrong."""
     setup: TrialSetup | None = None
     by_trace: dict[str, tuple[ProbeObservation, ...]] = {}
+    chars: dict[str, tuple[int | None, ...]] = {}
     for path in map(Path, paths):
         count = 0
         try:
@@ -99,8 +107,9 @@ def load_trials(paths: Sequence[str | Path]) -> Trials:
                             raise TypeError("a trial record is an object with a trials list")
                         trace_id = str(raw["trace_id"])
                         this = _setup(raw)
-                        trials = tuple(sorted((_trial(t) for t in raw["trials"]),
-                                              key=lambda t: t.position))
+                        pairs = sorted(((_trial(t), _char(t)) for t in raw["trials"]),
+                                       key=lambda p: p[0].position)
+                        trials = tuple(t for t, _ in pairs)
                     except (ValueError, KeyError, TypeError) as exc:
                         detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
                         raise TraceFileError(f"{where}: not a trial record ({detail})") from exc
@@ -111,6 +120,7 @@ def load_trials(paths: Sequence[str | Path]) -> Trials:
                         raise TraceFileError(f"{where}: trace {trace_id} has trials twice")
                     setup = this
                     by_trace[trace_id] = trials
+                    chars[trace_id] = tuple(c for _, c in pairs)
                     count += 1
         except (OSError, EOFError, UnicodeDecodeError) as exc:
             raise TraceFileError(f"{path}: cannot read ({exc})") from exc
@@ -118,4 +128,4 @@ def load_trials(paths: Sequence[str | Path]) -> Trials:
             raise TraceFileError(f"{path}: holds no trial records")
     if setup is None:
         raise TraceFileError("no trial files given")
-    return Trials(setup, by_trace)
+    return Trials(setup, by_trace, chars)

@@ -1,7 +1,8 @@
 """Proxy settings: `DYNASOR_*` environment variables, an optional TOML file, then flags.
 
-Every setting is documented once, here; the README's table is generated from it
-(`dynasorctl observe --help` shows the flags that override them).
+Every setting is documented once, here; the documentation site's settings reference
+(docs/reference/settings.md) is generated from these fields by `dynasorctl.reference`
+when the site is built (`dynasorctl observe --help` shows the flags that override them).
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ class Settings(BaseSettings):
     affinity_header: str | None = Field(
         None, description="header a router in front of several replicas pins a session by "
         "(vLLM's router: X-Session-ID; SGLang's: X-SMG-Routing-Key), set on each request, its "
-        "samples and probes to its program or request id; unset: not sent"
+        "samples and probes, valued by the client's own value, else the program, else the "
+        "request id; unset: not sent"
     )
     connect_timeout_s: float = Field(5.0, gt=0, description="upstream connect timeout")
     read_timeout_s: float = Field(600.0, gt=0, description="longest silence from the upstream")
     host: str = Field("127.0.0.1", description="address the proxy listens on")
     port: int = Field(8080, ge=1, le=65535, description="port the proxy listens on")
-    db_url: str | None = Field(None, description="SQLAlchemy URL of the store (default: see README)")
+    db_url: str | None = Field(None, description="SQLAlchemy URL of the store "
+                                  "(default: sqlite:///$XDG_DATA_HOME/dynasor/dynasor.db)")
     store_text: bool = Field(False, description="store prompt and completion text, not only hashes")
     probe_rate: float = Field(1.0, ge=0.0, le=1.0, description="share of requests probed (0: off)")
     probe_interval: int = Field(64, ge=1, description="probe every this many generated tokens")
@@ -43,6 +46,12 @@ class Settings(BaseSettings):
     probe_max_tokens: int = Field(20, ge=1, description="most tokens a probe decodes")
     probe_temperature: float = Field(0.6, ge=0.0, description="probe sampling temperature (paper)")
     probe_top_p: float = Field(0.95, gt=0.0, le=1.0, description="probe nucleus sampling (paper)")
+    probe_logprobs: bool = Field(
+        True, description="probes ask for logprobs and record their answer's confidence")
+    trial_words: list[str] = Field(
+        ["wait"], description="observe and shadow (unless the policy sets its own): trials (DEER) "
+        "at these transition words; empty: none")
+    trial_max: int = Field(30, ge=0, description="trials at the first this many transition words")
     probe_concurrency: int = Field(8, ge=1, description="probes in flight at once, all requests")
     probe_max_per_request: int = Field(256, ge=1, description="most probes for one request")
     record_queue_size: int = Field(10_000, ge=1, description="records buffered for the store")
@@ -55,7 +64,8 @@ class Settings(BaseSettings):
     )
     mode: Literal["observe", "shadow", "enforce"] = Field(
         "observe", description="observe: measure only; shadow: also decide, change nothing; "
-        "enforce: stop streams the policy stops (for `enforce_percent` of programs)"
+        "enforce: stop streams the policy stops (for `enforce_percent` of programs); used when "
+        "the store holds no rollout state"
     )
     policy_file: str | None = Field(None, description="policy file (TOML) for shadow and enforce")
     enforce_percent: float = Field(

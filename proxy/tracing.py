@@ -112,7 +112,8 @@ class Tracing:
                     "dynasor.choice": choice, "dynasor.position": p.position,
                     "dynasor.answer": p.answer, "dynasor.hesitant": p.hesitant,
                     "dynasor.output_tokens": p.output_tokens, "dynasor.status": p.status,
-                    "dynasor.certaindex": p.certaindex,
+                    "dynasor.certaindex": p.certaindex, "dynasor.probe_kind": p.kind,
+                    "dynasor.confidence": p.confidence,
                 }))
             if p.status != "ok":
                 probe.set_status(Status(StatusCode.ERROR if p.status == "error" else StatusCode.UNSET))

@@ -25,7 +25,7 @@ from dynasorctl.calibration.observed import (
     program_from_samples,
     run_from_request,
 )
-from dynasorctl.calibration.store_source import StoreRuns
+from dynasorctl.calibration.store_source import STORE_TRIALS, StoreRuns, Probed, with_trials
 from dynasorctl.errors import UserError
 from proxy.core.policy import ProbeObservation
 
@@ -101,39 +101,53 @@ def _probe_rows(con: Any, query: str, params: list) -> Iterator[tuple]:
     yield from _batches(cursor)
 
 
-def _grouped(rows: Iterator[tuple], key_length: int) -> Iterator[tuple[tuple, list[ProbeObservation]]]:
-    """Consecutive rows with one key (their first `key_length` fields) and their probes."""
+def _grouped(rows: Iterator[tuple], key_length: int) -> Iterator[tuple[tuple, Probed]]:
+    """Consecutive rows with one key (their first `key_length` fields), probes and trials apart."""
     key: tuple | None = None
-    probes: list[ProbeObservation] = []
+    found = Probed([], [])
     for row in rows:
         k = row[:key_length]
         if k != key:
             if key is not None:
-                yield key, probes
-            key, probes = k, []
-        position, answer, hesitant, tokens = row[key_length:]
-        probes.append(ProbeObservation(position, answer or None, bool(hesitant), tokens or 0))
+                yield key, found
+            key, found = k, Probed([], [])
+        position, answer, hesitant, tokens, confidence, kind = row[key_length:]
+        trial = kind == "trial"
+        (found.trials if trial else found.probes).append(ProbeObservation(
+            position, answer or None, bool(hesitant), tokens or 0, confidence=confidence,
+            trial=trial))
     if key is not None:
-        yield key, probes
+        yield key, found
 
 
 class _Merge:
     """Each key's probes, for keys asked in the order the probes stream in (a merge join:
     a run's own columns are read once, not once per probe, and nothing is held but a batch)."""
 
-    def __init__(self, groups: Iterator[tuple[tuple, list[ProbeObservation]]]) -> None:
+    def __init__(self, groups: Iterator[tuple[tuple, Probed]]) -> None:
         self._groups = groups
         self._next = next(groups, None)
 
-    def of(self, key: tuple) -> list[ProbeObservation]:
+    def of(self, key: tuple) -> Probed:
         if self._next is not None and self._next[0] == key:
             found = self._next[1]
             self._next = next(self._groups, None)
             return found
-        return []
+        return Probed([], [])
 
 
-_PROBE = "p.position, p.answer, p.hesitant, p.output_tokens"
+def _probe_columns(con: Any) -> str:
+    """The probe columns read; an export made before migration 0007 has no kind or confidence."""
+    names = {row[0] for row in con.execute("DESCRIBE probes").fetchall()}
+    if {"kind", "confidence"} <= names:
+        return "p.position, p.answer, p.hesitant, p.output_tokens, p.confidence, p.kind"
+    return "p.position, p.answer, p.hesitant, p.output_tokens, NULL, 'periodic'"
+
+
+def _took_trials(con: Any, columns: str) -> bool:
+    """Whether any trial was recorded (then a run without one had no transition word)."""
+    return "p.kind" in columns and con.execute(
+        "SELECT count(*) FROM probes WHERE kind = 'trial' AND status = 'ok'").fetchone()[0] > 0
 
 
 def load_runs(directory: Path, model: str | None = None, newest: int | None = None) -> StoreRuns:
@@ -151,17 +165,23 @@ def load_runs(directory: Path, model: str | None = None, newest: int | None = No
             params).fetchone()
         text = "completion_text" if with_text == total else "NULL"
         by_request, by_prompt = _labels(con)
+        columns = _probe_columns(con)
+        took_trials = _took_trials(con, columns)
         probes = _Merge(_grouped(_probe_rows(con, (
-            f"WITH chosen AS ({chosen}) SELECT p.request_id, {_PROBE} FROM probes p "
+            f"WITH chosen AS ({chosen}) SELECT p.request_id, {columns} FROM probes p "
             "JOIN chosen c ON p.request_id = c.id WHERE p.status = 'ok' AND p.choice_index = 0 "
             "ORDER BY c.created_at, c.id, p.position, p.id"), params), 1))
         cursor = con.cursor()
         cursor.execute(f"WITH chosen AS ({chosen}) SELECT id, prompt_hash, model, final_answer, "
                        f"completion_tokens, {text} FROM chosen ORDER BY created_at, id", params)
-        runs = [run_from_request(rid, ph, m, final, tokens, txt, probes.of((rid,)),
-                                 gold_for(rid, ph, by_request, by_prompt))
-                for rid, ph, m, final, tokens, txt in _batches(cursor)]
-    return StoreRuns(runs, with_text, sum(1 for r in runs if r.gold is not None))
+        runs = []
+        for rid, ph, m, final, tokens, txt in _batches(cursor):
+            found = probes.of((rid,))
+            run = run_from_request(rid, ph, m, final, tokens, txt, found.probes,
+                                   gold_for(rid, ph, by_request, by_prompt))
+            runs.append(with_trials(run, found.trials if took_trials else None))
+    return StoreRuns(runs, with_text, sum(1 for r in runs if r.gold is not None),
+                     STORE_TRIALS if took_trials else None)
 
 
 def load_programs(directory: Path, model: str | None = None) -> list[ObservedProgram]:
@@ -177,7 +197,7 @@ def load_programs(directory: Path, model: str | None = None) -> list[ObservedPro
                    "JOIN chosen c ON s.request_id = c.id")
         order = "s.program_id, s.sample_index, s.id"
         probes = _Merge(_grouped(_probe_rows(con, (
-            f"WITH s AS ({samples}) SELECT p.request_id, p.choice_index, {_PROBE} FROM probes p "
+            f"WITH s AS ({samples}) SELECT p.request_id, p.choice_index, {_probe_columns(con)} FROM probes p "
             "JOIN s ON p.request_id = s.request_id AND p.choice_index = s.choice_index "
             f"WHERE p.status = 'ok' ORDER BY {order}, p.position, p.id"), params), 2))
         cursor = con.cursor()
@@ -191,7 +211,7 @@ def load_programs(directory: Path, model: str | None = None) -> list[ObservedPro
             first = current[0]
             programs.append(program_from_samples(
                 first[0], first[6], first[7],
-                [(row[1], row[2], row[3] or 0, probes.of((row[4], row[5]))) for row in current],
+                [(row[1], row[2], row[3] or 0, probes.of((row[4], row[5])).probes) for row in current],
                 gold_for(first[4], first[6], by_request, by_prompt)))
 
         for row in _batches(cursor):

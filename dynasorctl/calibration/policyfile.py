@@ -73,7 +73,7 @@ def dump_policy_file(policy: PolicyFile) -> str:
     """The policy file's TOML text; `parse_policy_file` reads it back unchanged."""
     lines = [
         f"# dynasor policy file, format version {policy.version}.",
-        "# Fields are documented in the README, section \"Policy files\".",
+        "# Fields are documented in docs/policy-files.md and docs/reference/policy.md.",
         f"version = {policy.version}",
         "# cot: chain-of-thought, sc: self-consistency",
         f"kind = {_string(policy.kind)}",

@@ -1,13 +1,17 @@
 """The observation store as calibration's source, and the home of calibrated policies.
 
 Reads what `proxy.pipeline.record` wrote into the runs and programs of `observed.py` (the
-mapping is described there), and keeps recommended policies as versioned rows.
+mapping is described there), and keeps recommended policies as versioned rows. A run's
+trials (probe rows of kind `trial`, with their confidence) become its trials, as a trial
+file's would: the store replays like a trace file with trials. The store does not keep
+how trials were taken; they are taken as the proxy takes them unless a policy says
+otherwise (`STORE_TRIALS`: DEER's settings at the default `trial_words` and `trial_max`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine, and_, func, select
@@ -20,11 +24,20 @@ from dynasorctl.calibration.observed import (
     gold_for,
     program_from_samples,
     run_from_request,
+    within,
     without_text,
 )
 from dynasorctl.errors import UserError
-from proxy.core.policy import ProbeObservation
+from dynasorctl.trials import TrialSetup
+from proxy.core.policy import TRIAL_SETTINGS, ProbeObservation
+from proxy.settings import Settings
 from proxy.store.models import LabelRow, PolicyRow, ProbeRow, RequestRow, SampleRow
+
+_DEFAULTS = Settings.model_fields
+STORE_TRIALS = TrialSetup(
+    inducer=TRIAL_SETTINGS.suffix or "", trigger=_DEFAULTS["trial_words"].default[0],
+    max_trials=_DEFAULTS["trial_max"].default, temperature=TRIAL_SETTINGS.temperature,
+    top_p=TRIAL_SETTINGS.top_p, max_tokens=TRIAL_SETTINGS.max_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +47,7 @@ class StoreRuns:
     runs: list[ObservedRun]
     with_text: int  # requests stored with their completion text (--store-text)
     labelled: int
+    trials: TrialSetup | None = None  # how the runs' trials were taken; None: the store has none
 
     @property
     def text_dropped(self) -> bool:
@@ -69,20 +83,39 @@ def _labels(session: Session) -> tuple[dict[str, str], dict[str, str]]:
     return by_request, by_prompt
 
 
-def _ok_probes(session: Session, where: list) -> dict[tuple[str, int], list[ProbeObservation]]:
-    """The ok probes of the requests selected by `where`, per (request id, choice), in order."""
+@dataclass(slots=True)
+class Probed:
+    """One request choice's ok probes and trials, in order."""
+
+    probes: list[ProbeObservation]
+    trials: list[ProbeObservation]
+
+
+def _ok_probes(session: Session, where: list) -> dict[tuple[str, int], Probed]:
+    """The ok probes (and trials) of the requests selected by `where`, per (request, choice)."""
     rows = session.execute(
         select(ProbeRow.request_id, ProbeRow.choice_index, ProbeRow.position, ProbeRow.answer,
-               ProbeRow.hesitant, ProbeRow.output_tokens)
+               ProbeRow.hesitant, ProbeRow.output_tokens, ProbeRow.confidence, ProbeRow.kind)
         .join(RequestRow, ProbeRow.request_id == RequestRow.id)
         .where(ProbeRow.status == "ok", *where)
         .order_by(ProbeRow.request_id, ProbeRow.choice_index, ProbeRow.position, ProbeRow.id)
     )
-    out: dict[tuple[str, int], list[ProbeObservation]] = defaultdict(list)
-    for request_id, choice, position, answer, hesitant, tokens in rows:
-        out[(request_id, choice)].append(
-            ProbeObservation(position, answer or None, bool(hesitant), tokens or 0))
+    out: dict[tuple[str, int], Probed] = defaultdict(lambda: Probed([], []))
+    for request_id, choice, position, answer, hesitant, tokens, confidence, kind in rows:
+        trial = kind == "trial"
+        found = out[(request_id, choice)]
+        (found.trials if trial else found.probes).append(ProbeObservation(
+            position, answer or None, bool(hesitant), tokens or 0, confidence=confidence,
+            trial=trial))
     return out
+
+
+def with_trials(run: ObservedRun, trials: list[ProbeObservation] | None) -> ObservedRun:
+    """The run with its recorded trials (those taken before it ended), as a trial file gives them."""
+    if trials is None:
+        return run
+    kept = within(trials, run.main_tokens)
+    return replace(run, trials=kept, dropped=run.dropped + len(trials) - len(kept))
 
 
 def _read_error(engine: Engine, exc: SQLAlchemyError) -> UserError:
@@ -110,16 +143,19 @@ def load_runs(engine: Engine, model: str | None = None) -> StoreRuns:
             ).all()
     except SQLAlchemyError as exc:
         raise _read_error(engine, exc) from exc
-    runs = [
-        run_from_request(rid, prompt_hash, model_name, final, tokens, text,
-                         probes.get((rid, 0), ()), gold_for(rid, prompt_hash, by_request, by_prompt))
-        for rid, prompt_hash, model_name, final, tokens, text in rows
-    ]
+    # Trials were taken if any run has one; then a run without any had no transition word.
+    took_trials = any(p.trials for p in probes.values())
+    runs = []
+    for rid, prompt_hash, model_name, final, tokens, text in rows:
+        found = probes.get((rid, 0)) or Probed([], [])
+        run = run_from_request(rid, prompt_hash, model_name, final, tokens, text, found.probes,
+                               gold_for(rid, prompt_hash, by_request, by_prompt))
+        runs.append(with_trials(run, found.trials if took_trials else None))
     with_text = sum(1 for r in runs if r.text is not None)
     labelled = sum(1 for r in runs if r.gold is not None)
     if with_text < len(runs):
         runs = without_text(runs)
-    return StoreRuns(runs, with_text, labelled)
+    return StoreRuns(runs, with_text, labelled, STORE_TRIALS if took_trials else None)
 
 
 def load_programs(engine: Engine, model: str | None = None) -> list[ObservedProgram]:
@@ -150,7 +186,8 @@ def load_programs(engine: Engine, model: str | None = None) -> list[ObservedProg
         programs.append(program_from_samples(
             program_id, first.prompt_hash, first.model,
             [(s.sample_index, s.answer, s.completion_tokens or 0,
-              probes.get((s.request_id, s.choice_index), ())) for s in samples],
+              (probes.get((s.request_id, s.choice_index)) or Probed([], [])).probes)
+             for s in samples],
             gold_for(first.request_id, first.prompt_hash, by_request, by_prompt)))
     return programs
 

@@ -141,8 +141,8 @@ def enforce(
         "for an sc policy.")],
     policy: Annotated[Path, typer.Option("--policy", help="Policy file to enforce (TOML).")],
     trials: Annotated[list[Path] | None, typer.Option(
-        "--trials", help="Trials recorded for the traces (repeatable; joined by trace_id), for "
-        "policies that take trials at transition words.")] = None,
+        "--trials", help="Trials recorded for the traces (repeatable; joined by trace_id): the "
+        "replay answers trials from them.")] = None,
     tokens_per_second: Annotated[float, typer.Option(
         min=0, help="Replay speed per stream (far above it, probes fall behind the stream).")] = 500.0,
     concurrency: Annotated[int, typer.Option(min=1, help="Problems in flight at once.")] = 8,
@@ -157,7 +157,6 @@ def enforce(
     from dynasorctl.calibration.policyfile import read_policy_file
     from dynasorctl.traces import TraceFileError, load_cot, load_sc
     from dynasorctl.trials import load_trials
-    from proxy.pipeline.probe import ENFORCED_TRIGGERS
 
     pf = read_policy_file(policy)
     try:
@@ -176,35 +175,46 @@ def enforce(
         if missing:
             raise UserError(f"trace {missing[0]} has no trials in "
                             f"{', '.join(map(str, trials or []))} ({len(missing)} traces lack them)")
-        unenforced = sorted(pf.cot.triggers - ENFORCED_TRIGGERS)
-        if unenforced:
-            err_console.print(f"[yellow]note:[/] this proxy does not enforce "
-                              f"{', '.join(unenforced)} yet: observed will fall short of predicted")
     console = Console()
     with Progress(console=console) as bar:
         task = bar.add_task("through the enforcing proxy", total=len(records))
         predicted, observed = enforce_bench.run(traces, records, policy, pf, tokens_per_second,
-                                                concurrency, lambda: bar.advance(task), recorded)
+                                                concurrency, lambda: bar.advance(task), trials or ())
     what = "programs" if pf.kind == "sc" else "traces"
     table = Table(title=f"{policy.name} on {len(records)} {what} of {traces.name}")
-    for col in ("", "evaluate (predicted)", "through the proxy (observed)", "difference"):
+    columns = ["", "evaluate (predicted)"]
+    if predicted.replayed is not None:
+        columns.append("evaluate, replay's positions")
+    columns += ["through the proxy (observed)", "difference"]
+    for col in columns:
         table.add_column(col, justify="right")
-    rows = [
-        ("accuracy, full", predicted.accuracy_full, observed.accuracy_full),
-        ("accuracy, policy", predicted.accuracy_policy, observed.accuracy_policy),
-        ("stopped", predicted.stopped, observed.stopped),
-        ("net saved", predicted.net_saved, observed.net_saved),
-        # evaluate stops at the probe's position; the stream goes on until the probe answers
-        ("net saved at the decisions", predicted.net_saved, observed.net_saved + observed.past_decision),
-    ]
-    for name, want, got in rows:
+    rows = [("accuracy, full", "accuracy_full", "accuracy_full"),
+            ("accuracy, policy", "accuracy_policy", "accuracy_policy"),
+            ("stopped", "stopped", "stopped")]
+    if observed.net_saved_at_stops is not None:
+        rows.append(("net saved at the stops", "net_saved", "net_saved_at_stops"))
+    rows.append(("net saved", "net_saved", "net_saved"))
+    for name, field_, seen in rows:
+        want, got = getattr(predicted.evaluate, field_), getattr(observed, seen)
         if want is None:
             continue
-        table.add_row(name, f"{want:.1%}", f"{got:.1%}", f"{(got - want) * 100:+.1f} pts")
+        cells = [name, f"{want:.1%}"]
+        if predicted.replayed is not None:
+            cells.append(f"{getattr(predicted.replayed, field_):.1%}")
+        cells += [f"{got:.1%}", f"{(got - want) * 100:+.1f} pts"]
+        table.add_row(*cells)
     console.print(table)
-    console.print(f"probes sent by the proxy: {observed.probes:,} ({observed.probe_tokens:,} tokens decoded); "
-                  f"{observed.past_decision:.1%} of all tokens were generated after a decision, "
-                  "while its probe was being answered")
+    console.print(f"probes sent by the proxy: {observed.probes:,} ({observed.probe_tokens:,} tokens decoded)")
+    if observed.sources:
+        console.print("stops by source: " + ", ".join(f"{k} {v}" for k, v in sorted(observed.sources.items())))
+    if observed.as_predicted is not None:
+        where = " at the replay's positions" if predicted.replayed is not None else ""
+        console.print(f"decisions as predicted{where} (stop token and source): "
+                      f"{observed.as_predicted} of {observed.runs}")
+    if observed.net_saved_at_stops is not None:
+        console.print("net saved at the stops: had the upstream stopped at each decision; net "
+                      "saved: by the tokens it generated, the proxy's reaction time (a probe or "
+                      "trial out, a busy machine) included")
 
 
 @bench_app.command()

@@ -163,6 +163,7 @@ def _runs_source(found: StoreRuns, where: str, of_model: str, engine: Engine | N
                  recorded: str) -> _Source:
     src = _Source(found.runs, f"{where}: {len(found.runs)} probed requests, "
                   f"{found.labelled} labelled", f"probed requests{of_model}", engine,
+                  traces=TraceData(found.runs, trials=found.trials),  # the trials it recorded
                   recorded=recorded)
     if found.text_dropped:
         src.notes.append(

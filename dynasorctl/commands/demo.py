@@ -74,7 +74,9 @@ def _report(db_url: str, problems: list[traces.CotTrace], upstream: str) -> None
     with Session(engine) as s:
         rows = s.scalars(select(RequestRow).where(RequestRow.upstream == upstream)
                          .order_by(RequestRow.created_at)).all()
-        probes = {r.id: s.scalars(select(ProbeRow).where(ProbeRow.request_id == r.id, ProbeRow.status == "ok")
+        # The paper's rule reads the periodic probes (the trials are another signal's).
+        probes = {r.id: s.scalars(select(ProbeRow).where(ProbeRow.request_id == r.id, ProbeRow.status == "ok",
+                                                         ProbeRow.kind == "periodic")
                                   .order_by(ProbeRow.position)).all() for r in rows}
     eq = Equivalence()
     table = Table(title="What dynasor observed, and where the paper's rule would have stopped")
@@ -132,7 +134,10 @@ def demo(
     db_url = db or default_url()
     store(db_url)  # fail early and clearly on a bad store
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / f"dynasor-demo-{os.getpid()}"
-    with replay_and_proxy(traces_file, tokens_per_second, ["--db", db_url], logs) as (replay_url, proxy_url):
+    # The shipped sample's trials let the replay answer the trials the proxy takes at "wait".
+    trials = [traces.PACKAGED_TRIALS] if traces_file == traces.PACKAGED_SAMPLE else []
+    with replay_and_proxy(traces_file, tokens_per_second, ["--db", db_url], logs,
+                          trials) as (replay_url, proxy_url):
         console.print(f"replay upstream: {len(problems)} recorded traces on {replay_url}; "
                       f"proxy on {proxy_url}; store {db_url}")
         errors = asyncio.run(_send_all(proxy_url, problems, concurrency))

@@ -53,6 +53,12 @@ def timeline_text(t: Timeline | None) -> Text:
     for i, p in enumerate(t.probes):
         ci = "  -  " if p.certaindex is None else f"{p.certaindex:.2f} "
         out.append(f"{p.position:>7,}  {ci} {(p.answer or '-')[:24]}")
+        if p.confidence is not None:
+            out.append(f"  p {p.confidence:.4f}", style="cyan")
+        if p.kind == "trial":
+            out.append("  trial at a transition word", style="magenta")
+        elif p.kind == "statement" and p.trigger_position is not None:
+            out.append(f"  checks the answer stated at {p.trigger_position:,}", style="magenta")
         if p.hesitant:
             out.append(" (hesitant)", style="dim")
         if i == t.stop_index:
@@ -61,8 +67,10 @@ def timeline_text(t: Timeline | None) -> Text:
     if t.stop_index is None and t.probes:
         out.append("paper's rule: never stops\n", style="dim")
     if t.decision_token is not None:
-        out.append(f"live policy decided at {t.decision_token:,}: {t.decision_answer or '-'}\n",
-                   style="yellow")
+        source = {"probe": " (a probe)", "trial": " (a trial)",
+                  "text": " (the end of thinking: the answer written)"}.get(t.stop_source or "", "")
+        out.append(f"live policy decided at {t.decision_token:,}{source}: "
+                   f"{t.decision_answer or '-'}\n", style="yellow")
     out.append(f"final answer: {r.final_answer or '-'}", style="bold green")
     if t.stop_answer is not None and t.stop_answer != r.final_answer:
         out.append(f"  (stop answer differs: {t.stop_answer})", style="bold red")

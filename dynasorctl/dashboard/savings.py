@@ -32,6 +32,7 @@ from dynasorctl.calibration.damage import damage, problem_ranks
 from dynasorctl.calibration.evaluate import evaluate_cot
 from dynasorctl.calibration.grading import Grader
 from dynasorctl.calibration.observed import ObservedRun, gold_for, run_from_request
+from dynasorctl.calibration.store_source import STORE_TRIALS, with_trials
 from dynasorctl.calibration.table import PROBE_PROMPT_COST
 from dynasorctl.errors import UserError
 from proxy.core.policy import PolicyFileError, ProbeObservation, parse_policy_file
@@ -179,7 +180,8 @@ def recent_runs(engine: Engine, limit: int = MAX_RUNS) -> list[ObservedRun]:
               .where(r.probed.is_(True), r.status_code == 200, r.finish_reason.is_not(None),
                      r.program_id.is_(None), r.completion_tokens > 0)
               .order_by(r.created_at.desc()).limit(limit).subquery())
-    probes = (select(p.request_id, p.position, p.answer, p.hesitant, p.output_tokens)
+    probes = (select(p.request_id, p.position, p.answer, p.hesitant, p.output_tokens,
+                     p.confidence, p.kind)
               .join(newest, newest.c.id == p.request_id)
               .where(p.choice_index == 0, p.status == "ok")
               .order_by(p.request_id, p.position, p.id))
@@ -190,8 +192,11 @@ def recent_runs(engine: Engine, limit: int = MAX_RUNS) -> list[ObservedRun]:
     with engine.connect() as conn:
         rows = conn.execute(select(newest).order_by(newest.c.created_at, newest.c.id)).all()
         found: dict[str, list[ProbeObservation]] = defaultdict(list)
-        for rid, position, answer, hesitant, tokens in conn.execute(probes):
-            found[rid].append(ProbeObservation(position, answer or None, bool(hesitant), tokens or 0))
+        trials: dict[str, list[ProbeObservation]] = defaultdict(list)
+        for rid, position, answer, hesitant, tokens, confidence, kind in conn.execute(probes):
+            (trials if kind == "trial" else found)[rid].append(ProbeObservation(
+                position, answer or None, bool(hesitant), tokens or 0, confidence=confidence,
+                trial=kind == "trial"))
         by_request: dict[str, str] = {}
         by_prompt: dict[str, str] = {}
         for request_id, prompt_hash, gold in conn.execute(labels):  # newest label wins
@@ -199,9 +204,10 @@ def recent_runs(engine: Engine, limit: int = MAX_RUNS) -> list[ObservedRun]:
                 by_request[request_id] = gold
             elif prompt_hash is not None:
                 by_prompt[prompt_hash] = gold
-    return [run_from_request(row.id, row.prompt_hash, row.model, row.final_answer,
-                             row.completion_tokens, None, found.get(row.id, ()),
-                             gold_for(row.id, row.prompt_hash, by_request, by_prompt))
+    return [with_trials(run_from_request(row.id, row.prompt_hash, row.model, row.final_answer,
+                                         row.completion_tokens, None, found.get(row.id, ()),
+                                         gold_for(row.id, row.prompt_hash, by_request, by_prompt)),
+                        trials.get(row.id, []) if trials else None)
             for row in rows]
 
 
@@ -251,7 +257,9 @@ def project(runs: Sequence[ObservedRun], policy: StoredPolicy, grader: Grader) -
     if not scoped:
         raise ValueError("no probed requests of its model to replay")
     try:
-        decisions, summary = evaluate_cot(scoped, pf, grader)
+        took_trials = any(run.trials is not None for run in scoped)
+        decisions, summary = evaluate_cot(scoped, pf, grader,
+                                          trials=STORE_TRIALS if took_trials else None)
     except UserError as exc:  # a schedule the recorded probes cannot replay
         raise ValueError(str(exc)) from exc
     stopped = [i for i, d in enumerate(decisions) if d["stop_token"] is not None]

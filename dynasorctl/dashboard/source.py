@@ -112,6 +112,9 @@ class ProbePoint:
     answer: str | None
     hesitant: bool
     certaindex: float | None
+    kind: str = "periodic"  # periodic | statement | trial | check
+    confidence: float | None = None  # the answer's mean token probability, where measured
+    trigger_position: int | None = None  # where its statement or transition word was complete
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class Timeline:
     stop_reason: str
     decision_token: int | None  # where the live policy stopped (shadow/enforce), if it did
     decision_answer: str | None
+    stop_source: str | None = None  # where the live stop's answer came from: probe, trial, text
 
     @property
     def stop_position(self) -> int | None:
@@ -272,8 +276,9 @@ class StoreSource:
         r, p = RequestRow, ProbeRow
         head = select(r.id, r.created_at, r.model, r.mode, r.status_code, _outcome().label("outcome"),
                       r.completion_tokens, r.probe_count, r.final_answer, r.decision_token,
-                      r.decision_answer).where(r.id == request_id)
-        probes = (select(p.position, p.answer, p.hesitant, p.output_tokens, p.certaindex)
+                      r.decision_answer, r.stop_source).where(r.id == request_id)
+        probes = (select(p.position, p.answer, p.hesitant, p.output_tokens, p.certaindex, p.kind,
+                         p.confidence, p.trigger_position)
                   .where(p.request_id == request_id, p.choice_index == 0, p.status == "ok")
                   .order_by(p.position).limit(MAX_PROBES))
 
@@ -286,12 +291,15 @@ class StoreSource:
             summary = RequestSummary(row.id, _utc(row.created_at), row.model, row.mode,
                                      row.status_code, row.outcome, row.completion_tokens,
                                      row.probe_count, row.final_answer)
-            points = [ProbePoint(q.position, q.answer, bool(q.hesitant), q.certaindex) for q in rows]
-            obs = [ProbeObservation(q.position, q.answer, bool(q.hesitant), q.output_tokens or 0)
+            points = [ProbePoint(q.position, q.answer, bool(q.hesitant), q.certaindex, q.kind,
+                                 q.confidence, q.trigger_position) for q in rows]
+            # The paper's rule reads the periodic probes; trials are not its to take.
+            obs = [ProbeObservation(q.position, q.answer, bool(q.hesitant), q.output_tokens or 0,
+                                    confidence=q.confidence, trial=q.kind == "trial")
                    for q in rows]
             index, decision = first_stop(self.policy, obs)
             return Timeline(summary, points, index, decision.answer, decision.reason,
-                            row.decision_token, row.decision_answer)
+                            row.decision_token, row.decision_answer, row.stop_source)
 
         return self._run(read)
 

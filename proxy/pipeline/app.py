@@ -59,6 +59,7 @@ from proxy.pipeline.probe import Prober
 from proxy.pipeline.programs import NO_SIGNALS, Programs, ProgramSignals
 from proxy.pipeline.record import bare_record, build_record, decision_of
 from proxy.pipeline.samples import ProgramRun, Sample, program_outcome
+from proxy.pipeline.session import ProbeSession
 from proxy.pipeline.sse import error_body, error_frame
 from proxy.settings import Settings
 from proxy.store.recorder import Record, Recorder, write_records
@@ -287,9 +288,8 @@ class ProxyApp:
                 return
             ex.assembled = not stream and n == 1 and assemblable(body, ex.mode)
             if (stream or ex.assembled) and n == 1 and self._should_probe(kind, body, ex.mode):
-                ex.probes = self.prober.session(kind, body, probe_headers(headers, ex.program_key, ex.affinity),
-                                                ex.plan.policy, enforcing=ex.mode == "enforce",
-                                                program=ex.program_key)
+                ex.probes = ProbeSession(self.prober, kind, body, probe_headers(headers, ex.program_key, ex.affinity),
+                                         ex.plan.policy, enforcing=ex.mode == "enforce", program=ex.program_key)
             ex.assembled = ex.assembled and (ex.probes is not None or ex.member)
             if ex.mode != "observe" and ex.probes is None and not ex.member:
                 # Nothing here the policy can watch (tools, logprobs, no prompt): say so.
@@ -304,7 +304,10 @@ class ProxyApp:
             await self._relay(scope, receive, send, raw, ex)
         finally:
             if ex.probes is not None:
-                await ex.probes.close()
+                try:
+                    await ex.probes.close(ex.observer.live_choice(0) if ex.observer else None)
+                except Exception:  # a bug in the probes must not lose the request's record
+                    log.exception("closing the probes of request %s failed", ex.request_id)
 
     def _after(self, scope: Scope, ex: Exchange) -> None:
         """Count the request and record it, off the request path (once)."""

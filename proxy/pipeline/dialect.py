@@ -9,10 +9,16 @@
   (`{"object": "error", "message": ...}`). `error_message` reads either.
 - SGLang adds `matched_stop`, `metadata`, `usage.reasoning_tokens` and, with
   `include_usage`, a last chunk with `choices: []`: all passed through untouched.
+- Logprobs (probes that measure confidence): both servers take `logprobs: true` on
+  chat and `logprobs: 0` (no alternatives) on completions, and stream each chunk's
+  tokens in `logprobs.content[]` (`token`, `logprob`) and `logprobs.tokens` /
+  `logprobs.token_logprobs` respectively. `token_logprobs` reads either; anything
+  else (absent, null, mistyped) reads as not measured.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 REASONING_FIELDS = ("reasoning_content", "reasoning")
@@ -81,3 +87,35 @@ def completion_probe_body(request: dict[str, Any], prefix: str, suffix: str, sam
         "n": 1,
         **sampling,
     }
+
+
+def logprobs_request(kind: str) -> dict[str, Any]:
+    """The request fields that make a probe's tokens come with their logprobs."""
+    return {"logprobs": True} if kind == "chat" else {"logprobs": 0}
+
+
+def token_logprobs(part: dict[str, Any], kind: str) -> list[tuple[str, float]] | None:
+    """(token, logprob) of the tokens one streamed choice carries; None if not given as expected."""
+    block = part.get("logprobs")
+    if not isinstance(block, dict):
+        return None
+    if kind == "chat":
+        entries = block.get("content")
+        if not isinstance(entries, list):
+            return None
+        pairs = [(e.get("token"), e.get("logprob")) for e in entries if isinstance(e, dict)]
+        if len(pairs) != len(entries):
+            return None
+    else:
+        tokens, logprobs = block.get("tokens"), block.get("token_logprobs")
+        if not isinstance(tokens, list) or not isinstance(logprobs, list) or len(tokens) != len(logprobs):
+            return None
+        pairs = list(zip(tokens, logprobs))
+    out = []
+    for token, logprob in pairs:
+        if not isinstance(token, str) or isinstance(logprob, bool) or not isinstance(logprob, (int, float)):
+            return None
+        if math.isnan(logprob) or logprob > 1e-6:  # float noise above 0 is 0; more is no logprob
+            return None
+        out.append((token, min(0.0, float(logprob))))
+    return out

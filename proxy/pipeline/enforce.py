@@ -23,9 +23,10 @@ def answer_text(answer: str | None, template: str, generated: str) -> str:
 
 
 def stop_extension(stop: StopInfo, generated_tokens: int) -> dict[str, Any]:
-    """The `dynasor` field of a stopped response: where, with which answer, what was generated."""
+    """The `dynasor` field of a stopped response: where, with which answer, what was generated,
+    and where the answer came from (a probe, a trial, or the text: the end of thinking)."""
     return {"stopped": True, "stop_token": stop.position, "answer": stop.answer,
-            "generated_tokens": generated_tokens, "reason": stop.reason}
+            "generated_tokens": generated_tokens, "reason": stop.reason, "source": stop.source}
 
 
 def verdict_extension(stop: StopInfo, generated_tokens: int) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from proxy.upstream.base import JOB_HEADER, PROGRAM_HEADER, Headers, forwardable
 if TYPE_CHECKING:
     from proxy.control.plan import Plan
     from proxy.pipeline.observe import ResponseObserver
-    from proxy.pipeline.probe import ProbeSession
     from proxy.pipeline.samples import ProgramResult
+    from proxy.pipeline.session import ProbeSession
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.core.certaindex import extract_boxed
 from proxy.core.policy import StopInfo
+from proxy.pipeline.dialect import assistant_prefix
 from proxy.pipeline.observe import ChoiceText, Outcome
 from proxy.pipeline.programs import FinishedSample
 from proxy.store.recorder import Record
@@ -77,7 +78,9 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
     now = datetime.now(UTC)
     choices = outcome.choices if outcome else {}
     first = choices.get(0)
-    completion = first.reasoning_text + first.content_text if first else ""
+    # The thinking back in its block, as the model wrote it (and as the probes continue it), so a
+    # reasoning parser's split does not hide `</think>` from calibration's text signals.
+    completion = assistant_prefix(first.reasoning_text, first.content_text) if first else ""
     tokens = outcome.completion_tokens if outcome else None
     if tokens is None and choices:
         tokens = sum(c.tokens for c in choices.values())
@@ -99,6 +102,7 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
         "policy": ex.plan.policy_name if ex.plan else None,
         "decision_token": stop.position if stop else None,
         "decision_answer": stop.answer if stop else None,
+        "stop_source": stop.source if stop and ex.program is None and not ex.member else None,
         "enforced": ex.enforced is not None,
         "stream": bool(body.get("stream")),
         "n": body.get("n") if isinstance(body.get("n"), int) else 1,
@@ -131,6 +135,9 @@ async def build_record(ex: Exchange, outcome: Outcome | None, app: ProxyApp) -> 
             "latency_ms": p.latency_ms,
             "status": p.status,
             "certaindex": p.certaindex,
+            "confidence": p.confidence,
+            "kind": p.kind,
+            "trigger_position": p.trigger_position,
         }
         for choice, p in probes
     ]

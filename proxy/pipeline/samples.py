@@ -156,12 +156,13 @@ class ProgramRun:
         try:
             sample.check = await self._prober.probe(self._kind, self._body, self._probe_headers, prefix,
                                                     position)
+            sample.check.kind = "check"
         except (UpstreamError, ValueError) as exc:
             log.warning("self-consistency check probe failed: %s", exc)
         except Exception:  # a bug must not leave the request waiting for this answer
             log.exception("self-consistency check probe failed")
         if sample.check is None:  # an unread answer counts as no answer, as in replay
-            sample.check = ProbeResult(position, None, False, 0, None, "error")
+            sample.check = ProbeResult(position, None, False, 0, None, "error", kind="check")
         self._events.put_nowait(("checked", sample, sample.check.answer))
 
     async def _generate(self, sample: Sample) -> None:

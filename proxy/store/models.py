@@ -76,6 +76,8 @@ class RequestRow(Base):
     decision_token: Mapped[int | None] = mapped_column(Integer)
     decision_answer: Mapped[str | None] = mapped_column(Text)
     enforced: Mapped[bool] = mapped_column(Boolean, server_default=sa_false())
+    # where the stop's answer came from: probe | trial | text (the end of thinking)
+    stop_source: Mapped[str | None] = mapped_column(String(8))
 
 
 class ProbeRow(Base):
@@ -94,6 +96,12 @@ class ProbeRow(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float)
     status: Mapped[str] = mapped_column(String(16))  # ok | error | cancelled
     certaindex: Mapped[float | None] = mapped_column(Float)
+    # the answer's mean token probability (probes that asked for logprobs), else None
+    confidence: Mapped[float | None] = mapped_column(Float)
+    # periodic | statement (an answer stated in the thinking) | trial (a transition word) | check
+    kind: Mapped[str] = mapped_column(String(16), server_default="periodic")
+    # main tokens when the statement or the transition word that asked for it was complete
+    trigger_position: Mapped[int | None] = mapped_column(Integer)
 
 
 class SampleRow(Base):

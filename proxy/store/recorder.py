@@ -192,7 +192,9 @@ class Recorder:
                 try:
                     self._held = [await asyncio.wait_for(self._queue.get(), self.flush_interval_s)]
                 except TimeoutError:
-                    if self._closing:
+                    # The timeout can cancel a get() that a put() had just woken: the
+                    # record is still queued then, and shutdown must not leave it behind.
+                    if self._closing and self._queue.empty():
                         return
                     continue
                 if not self._closing and self._queue.qsize() < self._batch_size - 1:

@@ -4,7 +4,7 @@ This is the relay's hot path: every body chunk of every stream passes here. So i
 is a bare asyncio protocol around httptools' parser (llhttp, which uvicorn uses
 too), not a general client: aiohttp spends per chunk a stream-reader buffer, a
 read-timeout timer re-armed on every packet and an iterator chain (measured: this
-client takes about a quarter less CPU per relayed stream; see README). The
+client takes about a quarter less CPU per relayed stream; see docs/results.md). The
 parser's body callback hands each chunk to the relay waiting for it, or buffers
 it, with back-pressure, while the relay is busy. Silence is watched by one timer
 per response that re-arms itself only when it fires. Connections are kept alive

@@ -83,6 +83,14 @@ async def _through_router(router: Router, affinity: bool, tmp_path: Path) -> lis
     return _served(tmp_path)
 
 
+def _probe_statuses(tmp_path: Path) -> str:
+    """What the proxy recorded of its probes (for a failure's message)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db:
+        return repr(db.execute("SELECT status, count(*) FROM probes GROUP BY status").fetchall())
+
+
 def _by_request(log: list[Served]) -> tuple[dict[str, int], list[tuple[int, int]]]:
     """Each problem's main request's replica, and (main's replica, probe's replica) per probe."""
     main = {s.problem: s.replica for s in log if not s.probe}
@@ -93,7 +101,7 @@ def _by_request(log: list[Served]) -> tuple[dict[str, int], list[tuple[int, int]
 @pytest.mark.parametrize("router", [VLLM_ROUTER, SGLANG_ROUTER], ids=lambda r: r.name)
 async def test_with_the_session_header_every_probe_reaches_its_requests_replica(router, tmp_path):
     main, probes = _by_request(await _through_router(router, True, tmp_path))
-    assert len(probes) >= 2 * REQUESTS
+    assert len(probes) >= 2 * REQUESTS, _probe_statuses(tmp_path)
     assert all(m == p for m, p in probes)
     assert set(main.values()) == {0, 1}  # and the requests are spread over both replicas
 
@@ -101,7 +109,7 @@ async def test_with_the_session_header_every_probe_reaches_its_requests_replica(
 @pytest.mark.parametrize("router", [VLLM_ROUTER, SGLANG_ROUTER], ids=lambda r: r.name)
 async def test_without_it_the_router_cannot_keep_them_together(router, tmp_path):
     main, probes = _by_request(await _through_router(router, False, tmp_path))
-    assert len(probes) >= 2 * REQUESTS
+    assert len(probes) >= 2 * REQUESTS, _probe_statuses(tmp_path)
     if router is VLLM_ROUTER:
         # No key to hash: every request, main or probe, lands on one replica; nothing spreads.
         assert len(set(main.values()) | {p for _, p in probes}) == 1

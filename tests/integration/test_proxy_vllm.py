@@ -19,9 +19,25 @@ from proxy.store.db import open_store
 from tests.servers import serving
 
 try:  # a package module if tests/integration ever gets an __init__.py
-    from .checks import assert_probed, both, enforced_samples, enforced_stream, enforced_whole
+    from .checks import (
+        assert_probed,
+        both,
+        confidence_recorded,
+        enforced_samples,
+        enforced_stream,
+        enforced_trial,
+        enforced_whole,
+    )
 except ImportError:
-    from checks import assert_probed, both, enforced_samples, enforced_stream, enforced_whole
+    from checks import (
+        assert_probed,
+        both,
+        confidence_recorded,
+        enforced_samples,
+        enforced_stream,
+        enforced_trial,
+        enforced_whole,
+    )
 
 VOLATILE = re.compile(rb'"(id|created)":\s*("[^"]*"|\d+)')
 PROMPT = [{"role": "user", "content": "Count from 1 to 30, separated by spaces."}]
@@ -134,3 +150,11 @@ async def test_enforced_non_streamed_request_is_stopped_and_answered_whole(vllm_
 
 async def test_enforced_self_consistency_aborts_unneeded_samples_on_the_real_engine(vllm_url, tmp_path):
     await enforced_samples(vllm_url, tmp_path, _freed(vllm_url))
+
+
+async def test_probes_and_trials_record_the_confidence_the_engine_gives(vllm_url, tmp_path):
+    await confidence_recorded(vllm_url, tmp_path)
+
+
+async def test_an_enforced_trial_stops_the_real_engine_stream(vllm_url, tmp_path):
+    await enforced_trial(vllm_url, tmp_path)

@@ -22,7 +22,7 @@ from dynasorctl.calibration.store_source import load_runs
 from dynasorctl.commands import dashboard as dashboard_command
 from dynasorctl.dashboard.app import DashboardApp, create_app
 from dynasorctl.dashboard.calibrate import CalibrationSettings
-from dynasorctl.dashboard.panels import savings_text
+from dynasorctl.dashboard.panels import savings_text, timeline_text
 from dynasorctl.dashboard.savings import Damage, Group, changed_damage
 from dynasorctl.dashboard.source import Filters, SourceError, StoreSource
 from proxy.control import rollout
@@ -142,6 +142,25 @@ def test_timeline_marks_where_the_paper_rule_stops(source):
     assert [p.position for p in t.probes] == [64, 128, 192, 256]
     assert t.stop_index == 3 and t.stop_position == 256 and t.stop_answer == "42"
     assert source.timeline("nope") is None
+
+
+def test_timeline_shows_trials_with_confidence_and_where_the_stop_came_from(engine, source):
+    request = {**_record(20).request, "id": "sig", "mode": "enforce", "enforced": True,
+               "decision_token": 150, "decision_answer": "12", "stop_source": "trial"}
+    rows = [(64, "7", "periodic", 0.4, None), (100, "12", "trial", 0.93, 102),
+            (128, "12", "statement", 0.97, 120), (150, "12", "trial", 0.9995, 151)]
+    probes = [{"request_id": "sig", "choice_index": 0, "position": pos, "answer": a,
+               "hesitant": False, "output_tokens": 3, "latency_ms": 1.0, "status": "ok",
+               "certaindex": None if kind == "trial" else 0.5, "kind": kind, "confidence": c,
+               "trigger_position": trig} for pos, a, kind, c, trig in rows]
+    write_records(engine, [Record(request, probes)])
+    t = source.timeline("sig")
+    assert [(p.kind, p.confidence) for p in t.probes] == [(k, c) for _, _, k, c, _ in rows]
+    assert t.stop_source == "trial" and t.stop_index is None  # the paper's rule takes no trial
+    text = timeline_text(t).plain
+    assert "    100    -   12  p 0.9300  trial at a transition word" in text
+    assert "    128  0.50  12  p 0.9700  checks the answer stated at 120" in text
+    assert "live policy decided at 150 (a trial): 12" in text
 
 
 def test_broken_store_is_a_source_error(tmp_path):

@@ -92,3 +92,26 @@ def test_only_changed_days_are_written_again(store_url: str, tmp_path: Path) -> 
 def test_an_empty_or_missing_export_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="holds no Parquet export"):
         parquet_source.load_runs(tmp_path / "nothing")
+
+
+def test_trials_and_confidence_read_back_from_the_export(store_url: str, tmp_path: Path) -> None:
+    """Trials (probes of kind `trial`, migration 0007) come back as the runs' trials, as from
+    the store, not as probes of the schedule."""
+    from proxy.store.models import ProbeRow
+
+    traces = read_records(PACKAGED_SAMPLE)[:4]
+    engine = db.open_store(store_url)
+    write_records(engine, cot_records(traces))
+    with engine.begin() as conn:
+        conn.execute(insert(ProbeRow), [
+            {"request_id": request_id(t["trace_id"]), "choice_index": 0, "position": 100 + i,
+             "answer": str(i), "hesitant": False, "output_tokens": 4, "latency_ms": 1.0,
+             "status": "ok", "kind": "trial", "confidence": 0.99, "trigger_position": 99 + i}
+            for i, t in enumerate(traces[:3])])
+    out = tmp_path / "export"
+    export(engine, out)
+    live, archived = store_source.load_runs(engine), parquet_source.load_runs(out)
+    assert archived == live and live.trials is not None
+    assert [len(r.trials or ()) for r in archived.runs] == [1, 1, 1, 0]
+    assert archived.runs[0].trials[0].confidence == 0.99
+    assert all(not p.trial for r in archived.runs for p in r.probes)

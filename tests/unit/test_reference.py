@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import pytest
 import typer
 
 from dynasorctl import reference
@@ -9,6 +13,8 @@ from dynasorctl.cli import app
 from proxy.core.policy import PolicyFile
 from proxy.metrics import specs
 from proxy.settings import Settings
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def test_every_setting_with_its_environment_variable():
@@ -57,3 +63,28 @@ def test_markers_are_replaced_and_other_text_kept():
     out = reference.render(page)
     assert out.startswith("# Settings") and out.endswith("End.\n") and "<!--" not in out
     assert "DYNASOR_UPSTREAM_URL" in out
+
+
+def test_an_unknown_marker_fails_and_one_named_in_prose_is_left_alone():
+    with pytest.raises(reference.UnknownReference, match="reference:setings"):
+        reference.render("# Settings\n\n<!-- reference:setings -->\n")
+    prose = "a page holding `<!-- reference:NAME -->` on a line of its own\n"
+    assert reference.render(prose) == prose
+
+
+def test_every_marker_in_the_docs_is_known():
+    pages = sorted(DOCS.rglob("*.md"))
+    markers = [m for page in pages for m in reference.MARKER.findall(page.read_text())]
+    assert {"settings", "policy", "metrics", "cli"} <= set(markers)
+    for page in pages:
+        reference.render(page.read_text())  # raises on an unknown one
+
+
+def test_the_readme_links_resolve():
+    """GitHub shows the README outside the site: its relative links must name real files."""
+    readme = (DOCS.parent / "README.md").read_text()
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    local = [link for link in links if "://" not in link]
+    assert len(local) > 10
+    for link in local:
+        assert (DOCS.parent / link).is_file(), link

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import pytest
@@ -112,3 +113,23 @@ def test_a_batch_written_again_lands_once(store_url):
         assert sorted(s.scalars(select(RequestRow.id))) == ["a", "b"]
         assert sorted(s.scalars(select(ProbeRow.request_id))) == ["a", "b"]
         assert sorted(s.scalars(select(SampleRow.request_id))) == ["a", "b"]
+
+
+async def test_shutdown_right_after_a_put_writes_the_record():
+    """A put() that wakes the writer just as its wait times out, then close(): still written.
+
+    (asyncio.wait_for cancels a get() that the put had already woken; the record stays
+    queued, and the writer must not leave on seeing the shutdown.)"""
+    from proxy.metrics import Metrics
+    from proxy.store.recorder import Recorder
+
+    lost = 0
+    for i in range(300):
+        written: list = []
+        recorder = Recorder(written.extend, Metrics(), flush_interval_s=0.0005)
+        recorder.start()
+        await asyncio.sleep(0.0005 * (i % 7))  # land the put at every phase of the timeout
+        recorder.put(Record({"id": str(i)}))
+        await recorder.close()
+        lost += len(written) != 1
+    assert lost == 0
