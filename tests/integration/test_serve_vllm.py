@@ -386,8 +386,9 @@ def _group_alive(pgid: int) -> bool:
 
 def test_shutdown_flushes_every_record_and_leaves_no_process(served):
     metrics = httpx.get(f"{served.url}/metrics").text
-    relayed = sum(_counter(metrics, f'dynasor_requests_total{{endpoint="{e}"')
-                  for e in ("/v1/chat/completions", "/v1/completions"))
+    relayed = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()  # labels sorted: code first
+                  if line.startswith("dynasor_requests_total{")
+                  and any(f'endpoint="{e}"' in line for e in ("/v1/chat/completions", "/v1/completions")))
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(timeout=120) == 0
     deadline = time.monotonic() + 60
