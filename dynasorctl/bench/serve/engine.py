@@ -160,6 +160,7 @@ def engine_args(job: dict[str, Any]) -> Any:
 
     return AsyncEngineArgs(model=job["model"], max_model_len=job["max_model_len"],
                            max_num_seqs=job["capacity"], enable_prefix_caching=True,
+                           block_size=job["cache_block"],
                            dtype="bfloat16", enforce_eager=True, disable_log_stats=True,
                            seed=0)
 
