@@ -61,8 +61,8 @@ CPU = StepCost(fixed=0.030, per_seq=0.0023, per_prefill=0.0016, per_context=2.7e
 CPU_CAPACITY = 16
 # vLLM's CPU build defaults to 128-token blocks; at scaled lengths that would make every probe
 # recompute most of its context (a chain of thought's text is ~60-350 tokens at 1/64), far
-# more than at full length; the engine is given CUDA's 16 instead.
-CPU_CACHE_BLOCK = 16
+# more than at full length; the engine is given the smallest its CPU attention takes.
+CPU_CACHE_BLOCK = 32
 
 
 @dataclass(slots=True)
