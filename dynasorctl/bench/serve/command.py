@@ -175,7 +175,7 @@ def run(o: Options) -> None:
         console.print(report.render(planned, figs, reference, mode))
         if cost is not None:
             console.print(f"program scheduler overhead with {cost.queued_programs:,} programs "
-                          f"queued: {cost.us_per_request:,.0f} us per admitted request in all "
+                          f"queued: {cost.us_per_request:,.0f} us (CPU) per admitted request in all "
                           f"({cost.admit_us_per_request:,.0f} us of it deciding admission; "
                           f"{cost.calls:,} calls for {cost.admitted:,} requests, progress "
                           "reported every token)")
