@@ -169,6 +169,7 @@ def to_json(run: Run, figs: dict[str, ArmFigures], reference: float, mode: str
                      "rates": sorted(run.rates), "slo_scale": s.slo_scale,
                      "slo_scales": list(s.slo_scales), "sc_share": s.sc_share,
                      "length_scale": s.length_scale, "cost": asdict(s.cost),
+                     "cache_block": s.cache_block,
                      "sc_policy": s.sc_policy.model_dump(), "cot_policy": s.cot_policy.model_dump(),
                      "reference_rate": reference},
         "base": run.base,
