@@ -200,8 +200,9 @@ class Simulator:
             r = _Running(request, run, self.steps)
             self._running[request_id] = r
             self._context_base += request.prompt_tokens - self.steps
-            cached = request.cached - request.cached % self.cache_block
-            self._prefill += max(1, request.prompt_tokens - cached)  # a hit recomputes one
+            # vLLM reads at most all but the last prompt token from the cache, in whole blocks
+            hit = min(request.cached, request.prompt_tokens - 1)
+            self._prefill += request.prompt_tokens - hit + hit % self.cache_block
             self._schedule(r)
             if len(self._running) >= self.capacity:
                 break
