@@ -231,6 +231,17 @@ def test_rate_at_interpolates_the_first_crossing():
     assert rate_at([3, 1, 2], [0.5, 0.95, 0.85])[0] == pytest.approx(1.5)  # any order
 
 
+def test_the_simulator_beside_a_real_run_is_read_like_the_real_curve():
+    from dynasorctl.bench.serve.metrics import summarise
+    from dynasorctl.bench.serve.report import ArmFigures
+
+    f = ArmFigures("dynasor", "", {0.5: [1.0, 0.9], 1.0: [0.6, 0.8]}, 0.0, "", {}, 0.0, "",
+                   summarise([]), 0.0, 0, simulated={0.5: 0.9, 1.0: 0.5})
+    assert f.simulated_gap() == pytest.approx(0.2)  # 0.7 real against 0.5 at 1.0
+    assert f.simulated_rate_at_90() == (0.5, "")
+    assert replace(f, simulated=None).simulated_gap() is None
+
+
 def test_scale_at_finds_the_tightest_slo_meeting_the_target():
     assert scale_at([1, 2, 4], [0.5, 0.8, 1.0]) == (pytest.approx(3.0), "")
     assert scale_at([1, 2], [0.95, 1.0]) == (1, "<=")
