@@ -27,6 +27,7 @@ def test_bench_serve_runs_programs_on_the_engine_through_admission():
     for arm in (fcfs, dynasor):
         assert arm["at_reference"]["done"] == 6  # every program finished on the engine
         assert arm["simulated_attainment"] is not None  # and the simulator ran the same cells
+        assert 0 <= arm["simulated_max_gap"] <= 1
         assert arm["scheduler_us_per_request"] > 0
     assert fcfs["at_reference"]["stopped"] == 0 and fcfs["at_reference"]["probe_tokens"] == 0
     assert dynasor["at_reference"]["tokens"] < fcfs["at_reference"]["tokens"]

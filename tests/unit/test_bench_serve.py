@@ -174,6 +174,18 @@ def test_stopping_in_the_simulator_ends_the_program_where_the_recording_does():
     assert o.stopped and o.correct and o.probe_tokens == 2 and o.tokens == 9 + 2
 
 
+def test_the_prefix_cache_holds_whole_blocks_so_a_probe_recomputes_past_the_last_one():
+    def alone(block: int) -> Outcome:
+        sim = Simulator(UNIT, 4, ARMS["fcfs"].scheduler(), True, cache_block=block)
+        return sim.run([Program("x", COT, 0.0)]).outcomes[0]
+
+    exact, blocks = alone(1), alone(8)
+    # probes on 14 and 18 cached tokens (+1 suffix each): 1 token each with an exact cache;
+    # with 8-token blocks the cache holds 8 and 16, so 7 and 3 are prefilled
+    assert blocks.latency - exact.latency == pytest.approx(0.1 * ((7 - 1) + (3 - 1)))
+    assert blocks.tokens == exact.tokens
+
+
 def test_simulator_is_deterministic_by_seed():
     templates = {"sc": [SC, replace(SC, source="b", lengths=(50, 5, 5, 60))], "cot": [COT]}
     cost = StepCost(0.03, 0.002, 0.001, 1e-6)
@@ -217,6 +229,17 @@ def test_rate_at_interpolates_the_first_crossing():
     assert rate_at([1, 2], [0.95, 0.92]) == (2, ">=")
     assert rate_at([1, 2], [0.8, 0.5]) == (1, "<")
     assert rate_at([3, 1, 2], [0.5, 0.95, 0.85])[0] == pytest.approx(1.5)  # any order
+
+
+def test_the_simulator_beside_a_real_run_is_read_like_the_real_curve():
+    from dynasorctl.bench.serve.metrics import summarise
+    from dynasorctl.bench.serve.report import ArmFigures
+
+    f = ArmFigures("dynasor", "", {0.5: [1.0, 0.9], 1.0: [0.6, 0.8]}, 0.0, "", {}, 0.0, "",
+                   summarise([]), 0.0, 0, simulated={0.5: 0.9, 1.0: 0.5})
+    assert f.simulated_gap() == pytest.approx(0.2)  # 0.7 real against 0.5 at 1.0
+    assert f.simulated_rate_at_90() == (0.5, "")
+    assert replace(f, simulated=None).simulated_gap() is None
 
 
 def test_scale_at_finds_the_tightest_slo_meeting_the_target():

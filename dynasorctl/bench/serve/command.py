@@ -13,7 +13,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dynasorctl.bench.serve import bench, overhead, report
 from dynasorctl.bench.serve.arms import ABLATIONS, ARMS, MAIN_ARMS, CellResult
 from dynasorctl.bench.serve.fit import fit, points
-from dynasorctl.bench.serve.sim import A100, A100_CAPACITY, CPU, CPU_CAPACITY, StepCost
+from dynasorctl.bench.serve.sim import (
+    A100,
+    A100_CACHE_BLOCK,
+    A100_CAPACITY,
+    CPU,
+    CPU_CACHE_BLOCK,
+    CPU_CAPACITY,
+    StepCost,
+)
 from dynasorctl.errors import UserError, err_console
 from dynasorctl.traces import PACKAGED_SAMPLE, PACKAGED_SC_SAMPLE, TraceFileError, load_cot, load_sc
 from proxy.core.policy import CotPolicy, PolicyFileError, ScPolicy, load_policy_file
@@ -113,6 +121,7 @@ def settings(o: Options) -> bench.Settings:
         sc_share=o.sc_share, length_scale=o.length_scale or (1.0 if o.paper_scale else 1 / 32),
         max_tokens=32768 if o.paper_scale else 1024,
         capacity=o.capacity or (A100_CAPACITY if o.paper_scale else CPU_CAPACITY), cost=cost,
+        cache_block=A100_CACHE_BLOCK if o.paper_scale else CPU_CACHE_BLOCK,
         sc_policy=sc_policy, cot_policy=cot_policy, simulate=simulate, model=o.model,
         engine_python=o.engine_python)
 
@@ -166,7 +175,7 @@ def run(o: Options) -> None:
         console.print(report.render(planned, figs, reference, mode))
         if cost is not None:
             console.print(f"program scheduler overhead with {cost.queued_programs:,} programs "
-                          f"queued: {cost.us_per_request:,.0f} us per admitted request in all "
+                          f"queued: {cost.us_per_request:,.0f} us (CPU) per admitted request in all "
                           f"({cost.admit_us_per_request:,.0f} us of it deciding admission; "
                           f"{cost.calls:,} calls for {cost.admitted:,} requests, progress "
                           "reported every token)")
@@ -189,9 +198,15 @@ def _on_engine(s: bench.Settings, templates: dict, fit_first: bool, bar: Progres
     def plan_cells(samples: list[list[float]]) -> bench.Run:
         settings = s
         if samples:
-            cost, _ = fit([tuple(x) for x in samples], "fitted in this run")  # type: ignore[misc]
+            cost, error = fit([tuple(x) for x in samples], "fitted in this run")  # type: ignore[misc]
             settings = replace(s, cost=cost)
+            err_console.print(f"{_cost(cost)}; median error {error:.0%} over {len(samples)} "
+                              "measurements", style="dim")
         planned = bench.plan(settings, templates)
+        err_console.print(f"{len(planned.cells)} cells at "
+                          + ", ".join(f"{r:g}" for r in planned.rates) + " programs/s; base "
+                          + ", ".join(f"{k} {v:.2f} s" for k, v in planned.base.items()),
+                          style="dim")
         bar.update(task, total=points(repeats) + sum(len(c.programs) for c in planned.cells))
         return planned
 

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -160,6 +161,7 @@ def engine_args(job: dict[str, Any]) -> Any:
 
     return AsyncEngineArgs(model=job["model"], max_model_len=job["max_model_len"],
                            max_num_seqs=job["capacity"], enable_prefix_caching=True,
+                           block_size=job["cache_block"],
                            dtype="bfloat16", enforce_eager=True, disable_log_stats=True,
                            seed=0)
 
@@ -205,7 +207,15 @@ def main() -> None:
         line = await asyncio.to_thread(sys.stdin.readline)
         return json.loads(line) if line.strip() else {}
 
-    asyncio.run(serve(job, cells, emit))
+    async def until_stopped() -> None:
+        # SIGTERM (the bench ending early) cancels the run, so the engine is shut down and
+        # its own processes do not outlive this one.
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        await serve(job, cells, emit)
+
+    asyncio.run(until_stopped())
 
 
 if __name__ == "__main__":

@@ -42,6 +42,18 @@ class ArmFigures:
     def curve(self) -> dict[float, float]:
         return {rate: statistics.mean(v) for rate, v in self.attainment.items()}
 
+    def simulated_gap(self) -> float | None:
+        """The simulator's largest distance from the real curve, in attainment (0-1)."""
+        if self.simulated is None:
+            return None
+        curve = self.curve()
+        return max(abs(self.simulated[rate] - curve[rate]) for rate in curve)
+
+    def simulated_rate_at_90(self) -> tuple[float, str] | None:
+        if self.simulated is None:
+            return None
+        return rate_at(list(self.simulated), list(self.simulated.values()))
+
 
 def reference_rate(run: Run, chosen: float | None) -> float:
     """The rate the latency and SLO-scale figures are read at (the middle one by default)."""
@@ -119,9 +131,10 @@ def render(run: Run, figs: dict[str, ArmFigures], reference: float, mode: str) -
     for f in figs.values():
         c = f.curve()
         curve.add_row(f.name, *(f"{c[r]:.0%}" for r in rates))
-        if f.simulated is not None:
-            gap = max(abs(f.simulated[r] - c[r]) for r in rates)
-            curve.add_row(Text(f"  simulated (max gap {gap * 100:.0f} pts)", style="dim"),
+        gap, simulated_rate = f.simulated_gap(), f.simulated_rate_at_90()
+        if f.simulated is not None and gap is not None and simulated_rate is not None:
+            curve.add_row(Text(f"  simulated (max gap {gap * 100:.0f} pts, 90% at "
+                               f"{_rate(*simulated_rate)})", style="dim"),
                           *(Text(f"{f.simulated[r]:.0%}", style="dim") for r in rates))
     slo = Table(title=f"Attainment against SLO scale at {reference:g} programs/s")
     slo.add_column("arm")
@@ -156,6 +169,7 @@ def to_json(run: Run, figs: dict[str, ArmFigures], reference: float, mode: str
                      "rates": sorted(run.rates), "slo_scale": s.slo_scale,
                      "slo_scales": list(s.slo_scales), "sc_share": s.sc_share,
                      "length_scale": s.length_scale, "cost": asdict(s.cost),
+                     "cache_block": s.cache_block,
                      "sc_policy": s.sc_policy.model_dump(), "cot_policy": s.cot_policy.model_dump(),
                      "reference_rate": reference},
         "base": run.base,
@@ -167,6 +181,8 @@ def to_json(run: Run, figs: dict[str, ArmFigures], reference: float, mode: str
             "attainment_by_seed": {str(r): v for r, v in f.attainment.items()},
             "simulated_attainment": None if f.simulated is None else {
                 str(r): v for r, v in f.simulated.items()},
+            "simulated_max_rate_at_90": _json_rate(f.simulated_rate_at_90()),
+            "simulated_max_gap": f.simulated_gap(),
             "attainment_by_slo_scale": {str(k): v for k, v in f.slo.items()},
             "tightest_slo_at_90": f.tightest_slo_at_90,
             "tightest_slo_bound": f.tightest_slo_bound,
@@ -175,6 +191,10 @@ def to_json(run: Run, figs: dict[str, ArmFigures], reference: float, mode: str
             "peak_queued_programs": f.peak_queued_programs,
         } for f in figs.values()},
     }
+
+
+def _json_rate(rate: tuple[float, str] | None) -> dict[str, Any] | None:
+    return None if rate is None else {"rate": rate[0], "bound": rate[1]}
 
 
 def plot(run: Run, figs: dict[str, ArmFigures], reference: float, path: Path) -> None:

