@@ -7,6 +7,7 @@ import importlib
 import typer
 
 from dynasorctl.errors import UserError, fail
+from proxy import lifetime
 
 app = typer.Typer(
     name="dynasorctl",
@@ -29,6 +30,7 @@ def main() -> None:
 
     Click's standalone mode already turns usage errors into a message and exit 2.
     """
+    lifetime.from_env()  # started by another dynasorctl that it must not outlive
     try:
         app()
     except UserError as exc:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from dynasorctl.errors import UserError
+from proxy.lifetime import child_env
 
 
 def free_port() -> int:
@@ -43,7 +44,9 @@ def _wait_ready(url: str, proc: subprocess.Popen, name: str, log: Path, timeout_
 def running(args: list[str], name: str, url: str, log: Path) -> Iterator[subprocess.Popen]:
     """A `dynasorctl` subcommand as a real process; stopped with SIGTERM (the proxy flushes)."""
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dynasorctl", *args], stdout=out, stderr=out)
+        # It ends with this process even if this one is killed (no proxy left behind).
+        proc = subprocess.Popen([sys.executable, "-m", "dynasorctl", *args], stdout=out, stderr=out,
+                                env=child_env())
         try:
             _wait_ready(url, proc, name, log)
             yield proc

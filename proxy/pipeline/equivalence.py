@@ -9,7 +9,6 @@ nor hang forever.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -23,6 +22,7 @@ from importlib.machinery import ModuleSpec
 from multiprocessing.connection import wait
 
 from proxy.core.certaindex import normalize_answer
+from proxy.lifetime import end_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,6 @@ STARTUP_TIMEOUT_S = 60.0
 
 # math-verify's own timeouts use SIGALRM, which only works in the main thread.
 _SIGNAL_TIMEOUT_S = 3
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _die_with(parent: int) -> None:
@@ -45,12 +42,7 @@ def _die_with(parent: int) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: shutdown still ends it (`_discard`)
-        pass
-    if os.getppid() != parent:  # the proxy died before the line above took effect
-        os._exit(0)
+    end_with_parent(parent, signal.SIGKILL)
 
 
 def _pool() -> ProcessPoolExecutor:

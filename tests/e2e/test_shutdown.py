@@ -133,3 +133,32 @@ async def test_a_stalled_stream_is_ended_and_recorded_as_interrupted(tmp_path, s
     log = (tmp_path / "proxy.log").read_text()
     assert "note: the /v1 at the end of the upstream URL is dropped" in log
     assert "s3cret" not in log + (row.upstream or "") and "ops:***@127.0.0.1" in log
+
+
+_PARENT = """
+import sys, time
+from pathlib import Path
+from dynasorctl import stack
+port = stack.free_port()
+with stack.running(["replay", "--port", str(port)], "replay", f"http://127.0.0.1:{port}",
+                   Path(sys.argv[1])) as proc:
+    print(proc.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+async def test_a_started_dynasorctl_ends_when_its_parent_is_killed(tmp_path):
+    """`bench enforce` and friends start proxies and replays as processes (dynasorctl.stack);
+    killed outright (SIGKILL, a test's timeout), the parent leaves none of them behind."""
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tmp_path / "replay.log")],  # noqa: ASYNC220
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(parent.stdout.readline), 120)
+        child = int(line)
+        assert procs.alive(child) and procs.parent(child) == parent.pid
+        parent.kill()
+        await until(lambda: not procs.alive(child), 30, "the replay outlived its killed parent")
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
