@@ -18,8 +18,8 @@ app = typer.Typer(
 )
 
 # Each module exposes `register(app)`; the order here is the order in --help.
-COMMAND_MODULES = ("observe", "replay", "demo", "requests", "db", "export", "calibrate", "labels", "rollout",
-                   "dashboard", "bench", "bench_scale")
+COMMAND_MODULES = ("observe", "serve", "replay", "demo", "requests", "db", "export", "calibrate", "labels",
+                   "rollout", "dashboard", "bench", "bench_scale")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"dynasorctl.commands.{_name}").register(app)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -18,6 +19,27 @@ DbOption = Annotated[
         "sqlite:///$XDG_DATA_HOME/dynasor/dynasor.db (~/.local/share).",
         show_default=False,
     ),
+]
+
+
+# The proxy's settings that `observe` and `serve` both take as flags.
+HostOption = Annotated[str | None, typer.Option(help="Address to listen on [default: 127.0.0.1].")]
+PortOption = Annotated[int | None, typer.Option(help="Port to listen on [default: 8080].")]
+ProbeRateOption = Annotated[
+    float | None, typer.Option(help="Share of requests probed, 0 to 1 (0 turns probing off) [default: 1].")
+]
+StoreTextOption = Annotated[
+    bool | None, typer.Option("--store-text/--no-store-text", help="Keep prompt and completion text, not only hashes.")
+]
+ConfigOption = Annotated[
+    Path | None, typer.Option(help="TOML file of settings (keys as in the settings reference).")
+]
+ModeOption = Annotated[str | None, typer.Option(help="observe | shadow | enforce [default: observe].")]
+PolicyOption = Annotated[
+    Path | None, typer.Option(help="Policy file (from `dynasorctl calibrate --out`) for shadow and enforce.")
+]
+EnforcePercentOption = Annotated[
+    float | None, typer.Option(help="Share of programs enforced in enforce mode, 0-100 [default: 100].")
 ]
 
 

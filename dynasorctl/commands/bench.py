@@ -215,3 +215,57 @@ def enforce(
         console.print("net saved at the stops: had the upstream stopped at each decision; net "
                       "saved: by the tokens it generated, the proxy's reaction time (a probe or "
                       "trial out, a busy machine) included")
+
+
+@bench_app.command()
+def serve(
+    simulate: Annotated[bool, typer.Option(
+        "--simulate", help="Run on the simulated engine (step cost model) instead of vLLM.")] = False,
+    paper_scale: Annotated[bool, typer.Option(
+        "--paper-scale", help="Simulate the paper's scale: real trace lengths, an A100-class "
+        "GPU, capacity 128, 2,000 programs a cell (implies --simulate).")] = False,
+    arms: Annotated[str | None, typer.Option(
+        help="Arms, comma-separated (default: fcfs,fcfs-stop,gang-stop,dynasor).")] = None,
+    ablations: Annotated[bool, typer.Option(
+        "--ablations", help="Also run the ablations (dynasor less one part).")] = False,
+    rates: Annotated[str | None, typer.Option(
+        help="Program arrival rates (programs/s), comma-separated (default: from a quarter to "
+        "2.5 times the plain engine's saturation).")] = None,
+    seeds: Annotated[int | None, typer.Option(min=1, help="Arrival traces per rate.")] = None,
+    programs: Annotated[int | None, typer.Option(min=2, help="Programs per arrival trace.")] = None,
+    slo_scale: Annotated[float, typer.Option(
+        min=0.01, help="SLO scale of the attainment-against-rate curve.")] = 3.0,
+    slo_scales: Annotated[str, typer.Option(
+        help="SLO scales of the attainment-against-SLO curve.")] = "1,1.5,2,3,4",
+    sc_share: Annotated[float, typer.Option(
+        help="Share of programs that are self-consistency (the rest chain of thought).")] = 0.5,
+    length_scale: Annotated[float | None, typer.Option(
+        min=1e-4, help="Recorded lengths times this (default 1/32; 1 at paper scale).")] = None,
+    capacity: Annotated[int | None, typer.Option(
+        min=1, help="Requests in the engine at once (its max_num_seqs).")] = None,
+    cost: Annotated[str | None, typer.Option(
+        help="Simulated step cost: fixed,per_seq,per_prefill,per_context seconds.")] = None,
+    sc_policy: Annotated[Path | None, typer.Option(help="Self-consistency policy file.")] = None,
+    cot_policy: Annotated[Path | None, typer.Option(help="Chain-of-thought policy file.")] = None,
+    sc_traces: Annotated[Path | None, typer.Option(help="Self-consistency programs.")] = None,
+    cot_traces: Annotated[Path | None, typer.Option(help="Chain-of-thought traces.")] = None,
+    model: Annotated[Path | None, typer.Option(help="Model directory for the real engine.")] = None,
+    engine_python: Annotated[Path | None, typer.Option(
+        help="Python of the engine's environment (default .venv-engine).")] = None,
+    reference_rate: Annotated[float | None, typer.Option(
+        help="Rate of the latency and SLO-scale figures (default: the middle rate).")] = None,
+    output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG plot here.")] = None,
+    fit_cost: Annotated[int, typer.Option(
+        min=0, help="Only measure the real engine's step cost (this many repeats) and fit "
+        "the simulator's constants.")] = 0,
+) -> None:
+    """Serve recorded programs open-loop: fcfs, fcfs-stop, gang-stop and dynasor's scheduler."""
+    from dynasorctl.bench.serve.command import Options, run
+
+    if output not in ("table", "json"):
+        raise UserError(f"--format must be table or json, not {output!r}")
+    run(Options(simulate, paper_scale, arms, ablations, rates, seeds, programs, slo_scale,
+                slo_scales, sc_share, length_scale, capacity, cost, sc_policy, cot_policy,
+                sc_traces, cot_traces, model, engine_python, reference_rate, output, plot,
+                fit_cost))

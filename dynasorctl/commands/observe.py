@@ -17,7 +17,18 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from dynasorctl.errors import UserError, err_console
-from dynasorctl.options import DbOption, store
+from dynasorctl.options import (
+    ConfigOption,
+    DbOption,
+    EnforcePercentOption,
+    HostOption,
+    ModeOption,
+    PolicyOption,
+    PortOption,
+    ProbeRateOption,
+    StoreTextOption,
+    store,
+)
 from proxy.logs import configure as configure_logs
 from proxy.settings import Settings
 
@@ -114,8 +125,8 @@ def _server(config: Any) -> Any:
     return ProxyServer(config)
 
 
-def serve(app: Any, host: str, port: int, admin: Any = None, admin_port: int = 0,
-          log_format: str = "text", grace_s: float | None = None) -> None:
+async def serving(app: Any, host: str, port: int, admin: Any = None, admin_port: int = 0,
+                  log_format: str = "text", grace_s: float | None = None) -> None:
     """Serve the proxy (and the admin API on loopback) until SIGINT/SIGTERM; shutdown flushes.
 
     In-flight requests get `grace_s` to finish; then they are ended and recorded as
@@ -123,50 +134,57 @@ def serve(app: Any, host: str, port: int, admin: Any = None, admin_port: int = 0
     """
     import asyncio
 
-    import uvloop
+    import uvicorn
 
     main = _server(_config(app, host, port, log_format=log_format, grace_s=grace_s))
     if admin is None:
-        main.run()
+        await main.serve()
         return
     # The admin API shares the proxy's lifespan: it stops when the proxy stops.
-    import uvicorn
-
     side = uvicorn.Server(_config(admin, "127.0.0.1", admin_port, lifespan="off",
                                   log_format=log_format))
+    side_task = asyncio.create_task(side.serve())
+    await main.serve()
+    side.should_exit = True
+    await side_task
 
-    async def both() -> None:
-        side_task = asyncio.create_task(side.serve())
-        await main.serve()
-        side.should_exit = True
-        await side_task
 
-    uvloop.run(both())
+def serve(app: Any, host: str, port: int, admin: Any = None, admin_port: int = 0,
+          log_format: str = "text", grace_s: float | None = None) -> None:
+    import uvloop
+
+    uvloop.run(serving(app, host, port, admin, admin_port, log_format, grace_s))
+
+
+def check_listen(settings: Settings) -> None:
+    """The store opens and the ports are free: checked now, with clear messages, not in the server."""
+    store(settings.db_url)
+    check_port_free(settings.host, settings.port)
+    if settings.admin_token:
+        check_port_free("127.0.0.1", settings.admin_port)
+
+
+def admin_app(app: Any, settings: Settings, announce: Callable[[str], None]) -> Any:
+    """The admin API of `app`, when an admin token is set."""
+    if not settings.admin_token:
+        return None
+    from proxy.control.admin import AdminApp
+
+    announce(f"admin API on http://127.0.0.1:{settings.admin_port} (token required)")
+    return AdminApp(app, settings.admin_token)
 
 
 def observe(
     upstream: Annotated[str | None, typer.Option(help="Base URL of the vLLM or SGLang server.")] = None,
-    host: Annotated[str | None, typer.Option(help="Address to listen on [default: 127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to listen on [default: 8080].")] = None,
+    host: HostOption = None,
+    port: PortOption = None,
     db: DbOption = None,
-    probe_rate: Annotated[
-        float | None, typer.Option(help="Share of requests probed, 0 to 1 (0 turns probing off) [default: 1].")
-    ] = None,
-    store_text: Annotated[
-        bool | None, typer.Option("--store-text/--no-store-text", help="Keep prompt and completion text, not only hashes.")
-    ] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="TOML file of settings (keys as in the settings reference).")
-    ] = None,
-    mode: Annotated[
-        str | None, typer.Option(help="observe | shadow | enforce [default: observe].")
-    ] = None,
-    policy: Annotated[
-        Path | None, typer.Option(help="Policy file (from `dynasorctl calibrate --out`) for shadow and enforce.")
-    ] = None,
-    enforce_percent: Annotated[
-        float | None, typer.Option(help="Share of programs enforced in enforce mode, 0-100 [default: 100].")
-    ] = None,
+    probe_rate: ProbeRateOption = None,
+    store_text: StoreTextOption = None,
+    config: ConfigOption = None,
+    mode: ModeOption = None,
+    policy: PolicyOption = None,
+    enforce_percent: EnforcePercentOption = None,
     log_format: Annotated[
         LogFormatChoice | None, typer.Option(help="Log lines: text, or json (one object a line) [default: text].")
     ] = None,
@@ -185,10 +203,7 @@ def observe(
                              policy_file=str(policy) if policy else None, enforce_percent=enforce_percent,
                              log_format=log_format.value if log_format else None, otlp_endpoint=otlp_endpoint,
                              affinity_header=affinity_header)
-    store(settings.db_url)  # fail now, with a clear message, not inside the server
-    check_port_free(settings.host, settings.port)
-    if settings.admin_token:
-        check_port_free("127.0.0.1", settings.admin_port)
+    check_listen(settings)
     configure_logs(settings.log_format)
     from proxy.core.policy import PolicyFileError
     from proxy.pipeline.app import create_app
@@ -199,7 +214,7 @@ def observe(
     except (PolicyFileError, TracingUnavailable) as exc:
         raise UserError(str(exc)) from exc
     what = {"observe": "observing", "shadow": "shadowing", "enforce": "enforcing"}[settings.mode]
-    announce = _announcer(settings.log_format)
+    announce = announcer(settings.log_format)
     announce(
         f"dynasor {what} {settings.upstream.shown} on http://{settings.host}:{settings.port} "
         f"(probe rate {settings.probe_rate:g}, every {settings.probe_interval} tokens"
@@ -209,17 +224,11 @@ def observe(
     )
     if settings.upstream.notice:
         announce(f"note: {settings.upstream.notice}")
-    admin = None
-    if settings.admin_token:
-        from proxy.control.admin import AdminApp
-
-        admin = AdminApp(app, settings.admin_token)
-        announce(f"admin API on http://127.0.0.1:{settings.admin_port} (token required)")
-    serve(app, settings.host, settings.port, admin, settings.admin_port, settings.log_format,
-          settings.shutdown_grace_s)
+    serve(app, settings.host, settings.port, admin_app(app, settings, announce), settings.admin_port,
+          settings.log_format, settings.shutdown_grace_s)
 
 
-def _announcer(log_format: str) -> Callable[[str], None]:
+def announcer(log_format: str) -> Callable[[str], None]:
     """Start-up lines: for people on the console, or as log events where logs are JSON."""
     if log_format == "json":
         return logging.getLogger("dynasor").info

@@ -173,3 +173,21 @@ def probe_certaindex(answers: Sequence[str | None], hesitant: Sequence[bool], wi
     if not counts:
         return 0.0
     return counts.most_common(1)[0][1] / window
+
+
+# How a multi-step program's reward scores become its certaindex (the paper's reward
+# certaindex): MCTS by the mean reward of its terminal rollouts, rebase by the best candidate.
+REWARD_AGGREGATES: dict[str, str] = {"mcts": "mean", "rebase": "max"}
+
+
+def reward_certaindex(rewards: Sequence[float], aggregate: str = "mean") -> float:
+    """Reward certaindex in [0, 1]: the mean or the max of reward scores (clipped to [0, 1]).
+
+    With no reward yet there is no evidence: 0.
+    """
+    if aggregate not in ("mean", "max"):
+        raise ValueError(f"unknown reward aggregate {aggregate!r}: mean or max")
+    scores = [min(1.0, max(0.0, float(r))) for r in rewards]
+    if not scores:
+        return 0.0
+    return max(scores) if aggregate == "max" else sum(scores) / len(scores)

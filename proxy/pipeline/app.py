@@ -45,6 +45,7 @@ from proxy.pipeline.exchange import (
     assemblable,
     end_early,
     header,
+    job_headers,
     json_object,
     pinned,
     probe_headers,
@@ -55,7 +56,7 @@ from proxy.pipeline.exchange import (
 )
 from proxy.pipeline.observe import ResponseObserver
 from proxy.pipeline.probe import Prober
-from proxy.pipeline.programs import PROGRAM_HEADER, Programs
+from proxy.pipeline.programs import NO_SIGNALS, Programs, ProgramSignals
 from proxy.pipeline.record import bare_record, build_record, decision_of
 from proxy.pipeline.samples import ProgramRun, Sample, program_outcome
 from proxy.pipeline.session import ProbeSession
@@ -63,7 +64,7 @@ from proxy.pipeline.sse import error_body, error_frame
 from proxy.settings import Settings
 from proxy.store.recorder import Record, Recorder, write_records
 from proxy.tracing import Tracing, from_settings
-from proxy.upstream.base import Headers, Upstream, UpstreamError, forwardable
+from proxy.upstream.base import PROGRAM_HEADER, Headers, Upstream, UpstreamError, forwardable
 from proxy.upstream.http import HttpUpstream
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,11 @@ class ProxyApp:
         upstream: Upstream | None = None,
         write: Callable[[Sequence[Record]], None] | None = None,
         tracing: Tracing | None = None,
+        signals: ProgramSignals = NO_SIGNALS,
     ) -> None:
         self.settings = settings
         self.tracing = tracing or from_settings(settings)
+        self.signals = signals
         self.metrics = Metrics()
         self.registry = registry(self.metrics)
         self.upstream: Upstream = upstream or HttpUpstream(
@@ -93,9 +96,9 @@ class ProxyApp:
         )
         self._write = write
         self.recorder: Recorder | None = None
-        self.prober = Prober(self.upstream, settings, self.metrics)
+        self.prober = Prober(self.upstream, settings, self.metrics, signals)
         self.equivalence = AsyncEquivalence()
-        self.programs = Programs(self.equivalence, self.metrics)
+        self.programs = Programs(self.equivalence, self.metrics, signals=signals)
         self._finalizing: set[asyncio.Task[None]] = set()
         self._inflight: set[asyncio.Task[Any]] = set()  # requests being served
         self.control = Control(settings, self.metrics)
@@ -285,8 +288,8 @@ class ProxyApp:
                 return
             ex.assembled = not stream and n == 1 and assemblable(body, ex.mode)
             if (stream or ex.assembled) and n == 1 and self._should_probe(kind, body, ex.mode):
-                ex.probes = ProbeSession(self.prober, kind, body, probe_headers(headers, ex.affinity),
-                                         ex.plan.policy, enforcing=ex.mode == "enforce")
+                ex.probes = ProbeSession(self.prober, kind, body, probe_headers(headers, ex.program_key, ex.affinity),
+                                         ex.plan.policy, enforcing=ex.mode == "enforce", program=ex.program_key)
             ex.assembled = ex.assembled and (ex.probes is not None or ex.member)
             if ex.mode != "observe" and ex.probes is None and not ex.member:
                 # Nothing here the policy can watch (tools, logprobs, no prompt): say so.
@@ -312,10 +315,17 @@ class ProxyApp:
             return
         ex.recorded = True
         self._count(scope["path"], ex)
+        self._ended(ex)
         if ex.body is not None and ex.mode != "off" and self.recorder is not None:
             task = asyncio.create_task(self._finalize(ex))
             self._finalizing.add(task)
             task.add_done_callback(self._finalizing.discard)
+
+    def _ended(self, ex: Exchange) -> None:
+        """A request that was a program of its own (alone, or n > 1 untagged) needs nothing more;
+        a tagged program may send more requests: it is done once its policy stops it."""
+        if ex.kind and (ex.program_id is None or ex.program_id == ex.request_id):
+            self.signals.program_done(ex.program_key)
 
     async def _passthrough(self, scope: Scope, receive: Receive, send: Send, ex: Exchange) -> None:
         raw = await read_body(receive, self.settings.request_body_timeout_s)
@@ -335,8 +345,10 @@ class ProxyApp:
         self.metrics.active_streams += 1
         try:
             try:
-                resp = await self.upstream.send(scope["method"], path, pinned(scope["headers"], ex.affinity),
-                                                raw)
+                headers = pinned(scope["headers"], ex.affinity)
+                if ex.body is not None:  # an observed request: its program and kind of job too
+                    headers = job_headers(headers, ex.program_key, ex.job_kind)
+                resp = await self.upstream.send(scope["method"], path, headers, raw)
             except UpstreamError as exc:
                 self.metrics.upstream_errors[exc.kind] += 1
                 ex.status, ex.error = exc.status, str(exc)
@@ -411,8 +423,9 @@ class ProxyApp:
         enforcing = ex.mode == "enforce"
         headers: Headers = scope["headers"]
         run = ProgramRun(self.upstream, self.prober, self.equivalence, ex.kind, scope["path"], ex.body,
-                         pinned(headers, ex.affinity), probe_headers(headers, ex.affinity), policy, enforcing,
-                         self.settings.sc_parallel or policy.min_samples)
+                         job_headers(pinned(headers, ex.affinity), ex.program_key, "sample"),
+                         probe_headers(headers, ex.program_key, ex.affinity), policy, enforcing,
+                         self.settings.sc_parallel or policy.min_samples, ex.program_key)
         stream = SampleStream() if ex.body.get("stream") else None
         started = False
 

@@ -164,7 +164,8 @@ class Endings:
         body.pop("max_completion_tokens", None)
         path = "/v1/chat/completions" if ex.kind == "chat" else "/v1/completions"
         try:
-            resp = await self.upstream.send("POST", path, probe_headers(ex.client_headers, ex.affinity),
+            resp = await self.upstream.send("POST", path, probe_headers(ex.client_headers, ex.program_key,
+                                                                        ex.affinity),
                                             json.dumps(body).encode())
             try:
                 data = json.loads(b"".join([c async for c in resp.chunks()]))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from proxy.core.policy import StopInfo
 from proxy.core.treatment import Mode
 from proxy.pipeline.sse import error_body, error_frame
-from proxy.upstream.base import Headers, forwardable
+from proxy.upstream.base import JOB_HEADER, PROGRAM_HEADER, Headers, forwardable
 
 if TYPE_CHECKING:
     from proxy.control.plan import Plan
@@ -53,6 +53,16 @@ class Exchange:
     client_headers: Headers = field(default_factory=list)  # the request's, as the client sent them
     recorded: bool = False  # counted and handed to the recorder (once)
     affinity: tuple[bytes, bytes] | None = None  # the router's session header, on every upstream call
+
+    @property
+    def program_key(self) -> str:
+        """The program this request belongs to: its tag, or itself."""
+        return self.program_id or self.request_id
+
+    @property
+    def job_kind(self) -> str:
+        """What the upstream's scheduler sees: one sample of a program, or a lone chain of thought."""
+        return "sample" if self.program_id is not None else "cot"
 
 
 class Departure:
@@ -201,16 +211,23 @@ def header(headers: Headers, name: bytes) -> str | None:
     return None
 
 
-def probe_headers(headers: Headers, affinity: tuple[bytes, bytes] | None = None) -> Headers:
-    """Probes carry the client's credentials and the request's session header, nothing else
-    of its request."""
+def job_headers(headers: Headers, program: str, kind: str) -> Headers:
+    """`headers` with what an upstream that schedules programs needs (`serve`'s engine): the
+    program the request belongs to and its kind of job (see `proxy.upstream.base`)."""
+    out = [(k, v) for k, v in headers if k not in (PROGRAM_HEADER, JOB_HEADER)]
+    return out + [(PROGRAM_HEADER, program.encode("latin-1")), (JOB_HEADER, kind.encode("latin-1"))]
+
+
+def probe_headers(headers: Headers, program: str, affinity: tuple[bytes, bytes] | None = None) -> Headers:
+    """Probes carry the client's credentials, the request's session header and their program,
+    nothing else of its request."""
     out: Headers = [(b"content-type", b"application/json")]
     auth = header(headers, b"authorization")
     if auth is not None:
         out.append((b"authorization", auth.encode("latin-1")))
     if affinity is not None:
         out.append(affinity)
-    return out
+    return job_headers(out, program, "probe")
 
 
 def affinity_of(headers: Headers, name: str | None, key: str) -> tuple[bytes, bytes] | None:

@@ -29,6 +29,7 @@ from proxy.pipeline.dialect import (
     reasoning_of,
     token_logprobs,
 )
+from proxy.pipeline.programs import NO_SIGNALS, ProgramSignals
 from proxy.pipeline.sse import SseReader
 from proxy.settings import Settings
 from proxy.upstream.base import Headers, Upstream, UpstreamError
@@ -92,10 +93,12 @@ def how_to_probe(settings: ProbeSettings | None, proxy: Settings) -> HowToProbe:
 class Prober:
     """Sends probes for every request, under one concurrency bound."""
 
-    def __init__(self, upstream: Upstream, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, upstream: Upstream, settings: Settings, metrics: Metrics,
+                 signals: ProgramSignals = NO_SIGNALS) -> None:
         self._upstream = upstream
         self.settings = settings
         self.metrics = metrics
+        self.signals = signals  # who hears each probe's certaindex (serve: its scheduler)
         self._slots = asyncio.Semaphore(settings.probe_concurrency)
         self.default = how_to_probe(None, settings)
 

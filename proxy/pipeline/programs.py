@@ -13,13 +13,34 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 from proxy.core.certaindex import entropy_certaindex, group_sizes
 from proxy.core.policy import ScPolicy, decide_sc
 from proxy.metrics import Metrics
 from proxy.pipeline.equivalence import AsyncEquivalence
 
-PROGRAM_HEADER = b"x-dynasor-program"
+
+class ProgramSignals(Protocol):
+    """Whoever schedules programs hears how each one converges (`serve`: its admission, which
+    tells the scheduler; the proxy: nobody, `NO_SIGNALS`)."""
+
+    def signal(self, program_id: str, certaindex: float) -> None:
+        """The program's certaindex moved (a probe, or a sample's answer)."""
+
+    def program_done(self, program_id: str) -> None:
+        """The program needs nothing more (it ended, or its policy stopped it)."""
+
+
+class _NoSignals:
+    def signal(self, program_id: str, certaindex: float) -> None:
+        pass
+
+    def program_done(self, program_id: str) -> None:
+        pass
+
+
+NO_SIGNALS: ProgramSignals = _NoSignals()
 
 
 @dataclass(slots=True)
@@ -50,9 +71,11 @@ class Verdict:
 class Programs:
     """The answers of recent programs, in memory (oldest forgotten past `capacity`)."""
 
-    def __init__(self, equivalence: AsyncEquivalence, metrics: Metrics, capacity: int = 10_000) -> None:
+    def __init__(self, equivalence: AsyncEquivalence, metrics: Metrics, capacity: int = 10_000,
+                 signals: ProgramSignals = NO_SIGNALS) -> None:
         self._equivalence = equivalence
         self._metrics = metrics
+        self._signals = signals
         self._capacity = capacity
         self._answers: OrderedDict[str, list[str | None]] = OrderedDict()
         self._groups: dict[str, list[int]] = {}
@@ -74,6 +97,7 @@ class Programs:
                 groups = self._groups[program_id] = await self._equivalence.group(answers)
                 value = entropy_certaindex(group_sizes(groups))
                 self._metrics.observe_certaindex("sc", value)
+                self._signals.signal(program_id, value)
                 scored.append(ScoredSample(sample, len(answers) - 1, groups[-1], value))
         return scored
 
@@ -90,4 +114,5 @@ class Programs:
         if not decision.stop:
             return None
         verdict = self._verdicts[program_id] = Verdict(decision.answer, len(answers), decision.reason)
+        self._signals.program_done(program_id)  # its later samples are answered by the verdict
         return verdict

@@ -111,7 +111,7 @@ class ProgramRun:
 
     def __init__(self, upstream: Upstream, prober: Prober, equivalence: AsyncEquivalence, kind: str,
                  path: str, body: dict[str, Any], headers: Headers, probe_headers: Headers,
-                 policy: ScPolicy, enforcing: bool, parallel: int) -> None:
+                 policy: ScPolicy, enforcing: bool, parallel: int, program: str | None = None) -> None:
         self._upstream = upstream
         self._prober = prober
         self._equivalence = equivalence
@@ -122,6 +122,7 @@ class ProgramRun:
         self._probe_headers = probe_headers
         self.policy = policy
         self.enforcing = enforcing
+        self._program = program  # told each certaindex and, once enforced, the stop
         self.requested = int(body["n"])
         self._limit = min(self.requested, policy.max_samples) if enforcing else self.requested
         self._parallel = max(1, min(parallel, self._limit)) if enforcing else self.requested
@@ -243,11 +244,13 @@ class ProgramRun:
                     read.append(nxt)
                     groups = await self._equivalence.group(answers)
                     certaindex = entropy_certaindex(group_sizes(groups))
+                    self._signal(certaindex)
                     decision = decide_sc(self.policy, answers, groups)
                     if decision.stop:
                         used, reason = list(read), decision.reason
                         if self.enforcing:
                             await self._abort_unread()
+                            self._done()
                 if used is None and len(read) == len(self.samples):
                     for _ in range(min(self._parallel, self._limit - len(self.samples))):
                         self._start()  # the next wave
@@ -258,6 +261,14 @@ class ProgramRun:
         result.answer = await self._vote(result.used)
         result.final_answer = await self._vote(result.finished)
         return result
+
+    def _signal(self, certaindex: float) -> None:
+        if self._program is not None:
+            self._prober.signals.signal(self._program, certaindex)
+
+    def _done(self) -> None:
+        if self._program is not None:
+            self._prober.signals.program_done(self._program)
 
     async def _vote(self, samples: list[Sample]) -> str | None:
         """The majority final answer of `samples` (math-aware grouping)."""

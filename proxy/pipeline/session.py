@@ -82,8 +82,11 @@ class ProbeSession:
     """The probes of one request's main choice, and the policy's decision on them."""
 
     def __init__(self, prober: Prober, kind: str, request: dict[str, Any], headers: Headers,
-                 policy: CotPolicy | None = None, enforcing: bool = False) -> None:
+                 policy: CotPolicy | None = None, enforcing: bool = False,
+                 program: str | None = None) -> None:
+        """`program`: the program the probed request belongs to, told each probe's certaindex."""
         self._prober = prober
+        self._program = program
         self._kind = kind
         self._request = request
         self._headers = headers
@@ -250,6 +253,8 @@ class ProbeSession:
             ok = [r for r in self.results if r.status == "ok" and r.kind != "trial"] + [result]
             result.certaindex = probe_certaindex([r.answer for r in ok], [r.hesitant for r in ok])
             metrics.observe_certaindex("cot", result.certaindex)
+            if self._program is not None:
+                self._prober.signals.signal(self._program, result.certaindex)
             if self.policy is not None and self.policy.rule is not None:
                 result.signals = text_signals(job.prefix, result.answer)
         self.results.append(result)

@@ -54,6 +54,6 @@ def error_frame(message: str, type_: str = "upstream_error", code: int = 502) ->
     return f"data: {body}\n\ndata: [DONE]\n\n".encode()
 
 
-def error_body(message: str, type_: str, code: int) -> bytes:
+def error_body(message: str, type_: str, code: int, param: str | None = None) -> bytes:
     """An OpenAI-shaped JSON error body."""
-    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from proxy.scheduler.base import Job, Scheduler
@@ -26,7 +26,7 @@ class Admission:
         self.scheduler = scheduler
         self.capacity = capacity
         self._clock = clock
-        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._waiting: dict[str, tuple[Job, asyncio.Future[None]]] = {}
         self.running = 0
 
     @property
@@ -42,7 +42,7 @@ class Admission:
         """
         now = self._clock()
         admitted = asyncio.get_running_loop().create_future()
-        self._waiting[job.request_id] = admitted
+        self._waiting[job.request_id] = job, admitted
         self.scheduler.submit(job, now)
         self._pump()
         try:
@@ -68,14 +68,27 @@ class Admission:
         self._pump()
 
     def program_done(self, program_id: str) -> None:
-        self.scheduler.program_done(program_id, self._clock())
+        now = self._clock()
+        self.scheduler.program_done(program_id, now)
+        # The scheduler drops the program's queued requests, and whoever sent them ends them
+        # (a stopped program's samples are cancelled). One still waiting here (a tagged
+        # program's request sent before the verdict) must not wait forever: it goes back in.
+        for job, _ in [w for w in self._waiting.values() if w[0].program_id == program_id]:
+            self.scheduler.submit(job, now)
+        self._pump()
+
+    def step_done(self, program_id: str, rewards: Sequence[float]) -> None:
+        self.scheduler.step_done(program_id, rewards, self._clock())
         self._pump()
 
     def replace(self, scheduler: Scheduler) -> None:
-        """Hand the queue to another scheduler (the kill switch: back to FCFS) without a stop."""
+        """Hand the queue to another scheduler (the kill switch: back to FCFS) without a stop.
+
+        The queued jobs go over as they came, in their order of arrival; the running ones
+        end as usual (a scheduler hears `finished` of a request it never saw, and ignores it)."""
         now = self._clock()
-        for request_id in self._waiting:
-            scheduler.submit(Job(request_id, request_id, "other", now), now)
+        for job, _ in self._waiting.values():
+            scheduler.submit(job, now)
         self.scheduler = scheduler
         self._pump()
 
@@ -83,7 +96,7 @@ class Admission:
         if not self._waiting or self.running >= self.capacity:
             return
         for request_id in self.scheduler.admit(self._clock(), self.running, self.capacity):
-            future = self._waiting.pop(request_id, None)
+            _, future = self._waiting.pop(request_id, (None, None))
             if future is None or future.done():
                 continue  # unknown to us, or its waiter already left
             future.set_result(None)

@@ -14,11 +14,17 @@ order, and reports back what happened to them.
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 JobKind = Literal["cot", "sample", "probe", "step", "other"]
+
+# The program type a job without one belongs to: what its requests are like.
+DEFAULT_TYPES: dict[JobKind, str] = {
+    "cot": "cot", "sample": "sc", "probe": "probe", "step": "step", "other": "other",
+}
 
 
 @dataclass(slots=True)
@@ -31,6 +37,14 @@ class Job:
     arrival: float  # seconds, on the caller's clock
     max_tokens: int | None = None  # the request's own budget, if it set one
     prompt_tokens: int | None = None
+    # What kind of program it belongs to ("sc", "cot", "mcts", "rebase" or a client's own
+    # label): the scheduler learns tokens per request and requests per program per type.
+    program_type: str | None = None
+    budget: int | None = None  # the most requests its program may make (n, max_samples, ...)
+
+    @property
+    def type(self) -> str:
+        return self.program_type or DEFAULT_TYPES[self.kind]
 
 
 class Scheduler(Protocol):
@@ -54,31 +68,41 @@ class Scheduler(Protocol):
     def program_done(self, program_id: str, now: float) -> None:
         """A program needs nothing more: its queued requests are dropped by the caller."""
 
+    def step_done(self, program_id: str, rewards: Sequence[float], now: float) -> None:
+        """A multi-step program (tree search, rebase) finished a step.
+
+        `rewards` are the reward model's scores in [0, 1] of what the step produced (MCTS:
+        the rollouts that reached an answer; rebase: the step's candidates). The scheduler
+        turns them into the program's reward certaindex (`proxy.core.certaindex`).
+        """
+
 
 class Fcfs:
     """First come, first served: the engine's own order, and the kill switch's fallback."""
 
     def __init__(self) -> None:
-        self._queue: deque[str] = deque()
+        self._queue: dict[str, None] = {}  # request ids in arrival order (an ordered set)
 
     def submit(self, job: Job, now: float) -> None:
-        self._queue.append(job.request_id)
+        self._queue.setdefault(job.request_id)
 
     def admit(self, now: float, running: int, capacity: int) -> list[str]:
-        free = max(0, capacity - running)
-        return [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
+        out = list(itertools.islice(self._queue, max(0, capacity - running)))
+        for request_id in out:
+            del self._queue[request_id]
+        return out
 
     def progress(self, request_id: str, tokens: int, now: float) -> None:
         pass
 
     def finished(self, request_id: str, now: float) -> None:
-        try:
-            self._queue.remove(request_id)  # ended before it was admitted (a client left)
-        except ValueError:
-            pass
+        self._queue.pop(request_id, None)  # ended before it was admitted (a client left)
 
     def signal(self, program_id: str, certaindex: float, now: float) -> None:
         pass
 
     def program_done(self, program_id: str, now: float) -> None:
+        pass
+
+    def step_done(self, program_id: str, rewards: Sequence[float], now: float) -> None:
         pass

@@ -20,6 +20,16 @@ HOP_BY_HOP = frozenset(
         b"trailer", b"transfer-encoding", b"upgrade",
     }
 )
+# What the pipeline tells the upstream about each request it sends, for `serve`'s scheduler
+# (an HTTP upstream just receives them): the program it belongs to (the client's own
+# X-Dynasor-Program, or the pipeline's id for an n > 1 request or a lone request) and what
+# kind of job it is (`proxy.scheduler.base.JobKind`: cot, sample, probe, ...).
+PROGRAM_HEADER = b"x-dynasor-program"
+JOB_HEADER = b"x-dynasor-job"
+# The client's own label of its program's type (mcts, rebase, or any): the scheduler learns
+# tokens per request and requests per program per type, and aggregates step rewards by it.
+PROGRAM_TYPE_HEADER = b"x-dynasor-program-type"
+
 # On the way up the HTTP client sets these itself, for the upstream's address and
 # the body it sends.
 REQUEST_ONLY = HOP_BY_HOP | {b"host", b"content-length"}

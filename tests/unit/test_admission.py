@@ -8,14 +8,17 @@ import pytest
 
 from proxy.scheduler.admission import Admission
 from proxy.scheduler.base import Fcfs, Job
+from proxy.scheduler.program import ProgramScheduler
 
 
 class Lifo(Fcfs):
     """Newest first: an order the engine's own FCFS would never produce."""
 
     def admit(self, now: float, running: int, capacity: int) -> list[str]:
-        free = max(0, capacity - running)
-        return [self._queue.pop() for _ in range(min(free, len(self._queue)))]
+        out = list(reversed(self._queue))[:max(0, capacity - running)]
+        for request_id in out:
+            del self._queue[request_id]
+        return out
 
 
 def job(i: int) -> Job:
@@ -113,3 +116,61 @@ async def test_replace_hands_the_queue_over_in_arrival_order():
 def test_capacity_below_one_is_refused():
     with pytest.raises(ValueError):
         Admission(Fcfs(), capacity=0)
+
+
+class Kept(Fcfs):
+    def __init__(self) -> None:
+        super().__init__()
+        self.jobs: list[Job] = []
+
+    def submit(self, job: Job, now: float) -> None:
+        self.jobs.append(job)
+        super().submit(job, now)
+
+
+async def _hold_one(admission: Admission, first: Job, hold: asyncio.Event, then: list[Job]) -> list[asyncio.Task]:
+    async def request(j: Job) -> None:
+        async with admission.slot(j):
+            await hold.wait()
+
+    tasks = [asyncio.create_task(request(first))]
+    while admission.running < 1:
+        await asyncio.sleep(0)
+    tasks += [asyncio.create_task(request(j)) for j in then]
+    while admission.queued < len(then):
+        await asyncio.sleep(0)
+    return tasks
+
+
+async def test_the_kill_switch_hands_over_the_queued_jobs_as_they_came():
+    admission = Admission(Lifo(), capacity=1)
+    hold = asyncio.Event()
+    waiting = [Job("s1", "prog", "sample", 1.0, 16, 5, "mcts", 4), Job("c2", "c2", "cot", 2.0)]
+    tasks = await _hold_one(admission, job(0), hold, waiting)
+    fcfs = Kept()
+    admission.replace(fcfs)
+    assert fcfs.jobs == waiting  # program, kind, type and budget kept, in arrival order
+    hold.set()
+    await asyncio.gather(*tasks)
+    assert admission.running == 0 and admission.queued == 0
+
+
+async def test_a_request_still_waiting_when_its_program_is_done_is_not_left_waiting():
+    """The program scheduler drops a done program's queue; whoever sent a request normally
+    ends it, but one still waiting must still be served, not wait forever."""
+    admission = Admission(ProgramScheduler(), capacity=1)
+    hold = asyncio.Event()
+    tasks = await _hold_one(admission, job(0), hold, [Job("t1", "tagged", "sample", 1.0)])
+    admission.program_done("tagged")
+    assert admission.queued == 1
+    hold.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert admission.running == 0 and admission.queued == 0
+
+
+def test_fcfs_takes_a_request_once_and_forgets_one_that_left():
+    fcfs = Fcfs()
+    for j in (job(1), job(2), job(1), job(3)):
+        fcfs.submit(j, 0.0)
+    fcfs.finished("r2", 0.0)
+    assert fcfs.admit(0.0, 0, 2) == ["r1", "r3"] and fcfs.admit(0.0, 0, 2) == []

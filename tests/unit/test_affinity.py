@@ -69,5 +69,6 @@ def test_the_pure_pieces():
     assert pinned(headers, pin) == [*headers, pin]
     assert pinned([(HEADER, b"mine")], affinity_of([(HEADER, b"mine")], "x-session-id", "r1")) == [
         (HEADER, b"mine")]
-    assert probe_headers(headers, pin) == [(b"content-type", b"application/json"),
-                                           (b"authorization", b"Bearer k"), pin]
+    assert probe_headers(headers, "p1", pin) == [(b"content-type", b"application/json"),
+                                                 (b"authorization", b"Bearer k"), pin,
+                                                 (b"x-dynasor-program", b"p1"), (b"x-dynasor-job", b"probe")]
