@@ -13,7 +13,7 @@ print what they measured, on whatever machine runs them.
 
 from __future__ import annotations
 
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -109,16 +109,24 @@ def calibrate_parquet(requests: int, workdir: Path, target: list[str],
     engine.dispose()
     size = sum(p.stat().st_size for p in out.rglob("*.parquet"))
     say(f"exported in {export_s:.0f} s ({size / 1e6:.0f} MB); calibrating from Parquet")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "dynasorctl", "calibrate", "--parquet", str(out),
-                          *target, "--workers", "1", "--cache-dir", str(workdir / "cache")],
-                         capture_output=True, text=True, check=False)
+    returncode, output, peak = _run_measured(
+        [sys.executable, "-m", "dynasorctl", "calibrate", "--parquet", str(out), *target,
+         "--workers", "1", "--cache-dir", str(workdir / "cache")], workdir / "calibrate.log")
     calibrate_s = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, the largest child
-    if peak <= before:
-        raise RuntimeError("the calibration's peak memory could not be told from earlier children")
-    if run.returncode not in (0, 2):  # 2: no policy met the target, still a full calibration
-        raise RuntimeError(f"calibrate failed ({run.returncode}): {run.stderr[-2000:]}")
-    return ParquetCalibration(requests, seed_s, export_s, size, calibrate_s, peak / 1024,
-                              run.stdout + run.stderr)
+    if returncode not in (0, 2):  # 2: no policy met the target, still a full calibration
+        raise RuntimeError(f"calibrate failed ({returncode}): {output[-2000:]}")
+    return ParquetCalibration(requests, seed_s, export_s, size, calibrate_s, peak / 1024, output)
+
+
+def _run_measured(cmd: list[str], log: Path) -> tuple[int, str, int]:
+    """Run `cmd` to its end: (exit code, its output, its peak resident memory in KiB).
+
+    The peak is the child's own (wait4), not RUSAGE_CHILDREN's, which is the largest of
+    every child this process ever waited for (an engine a test suite started earlier)."""
+    with log.open("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        return proc.returncode, out.read(), usage.ru_maxrss
